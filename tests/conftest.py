@@ -1,0 +1,43 @@
+"""Shared fixtures: offline hub, the zoo, and the browser harness."""
+import os, sys
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _browser_required():
+    # in CI (and in tests/run.sh) a missing chromium is a failure, not a skip
+    return os.environ.get("CI") == "true" or os.environ.get("ALIGNLAB_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from alignlab import zoo
+    return zoo.get("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_llama):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture()
+def page():
+    """A Playwright page in headless system Chromium."""
+    from alignlab.browser import chromium_path, browser_page
+    if not chromium_path():
+        if _browser_required(): pytest.fail("chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed")
+    pytest.importorskip("playwright")
+    with browser_page() as p: yield p
+
+
+@pytest.fixture()
+def serve_app():
+    """serve_app(source) -> URL of the Panel app served by `panel serve` on 127.0.0.1."""
+    from contextlib import ExitStack
+    from alignlab.browser import serve_panel
+    with ExitStack() as stack:
+        yield lambda src: stack.enter_context(serve_panel(src))

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite (the README's test command runs this; so does .ci/run).
+# Run from an environment where `pip install -e ".[dev]"` has been done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false ALIGNLAB_REQUIRE_BROWSER=1 PYTHONUNBUFFERED=1
+start=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - start )) s)"; }
+
+step "browser: Debian chromium for the Panel and docs tests"
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "tests/run.sh: chromium is missing; install it with: sudo apt-get install chromium" >&2; exit 1
+  fi
+fi
+chromium --version 2>/dev/null | head -1
+
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  step "notebooks are clean and the library is exported from them"
+  nbdev_clean
+  nbdev_export
+  if ! git diff --quiet -- nbs alignlab; then
+    git --no-pager diff --stat -- nbs alignlab
+    echo "tests/run.sh: nbdev_clean/nbdev_export changed nbs/ or alignlab/: commit the cleaned notebooks and the exported library" >&2
+    exit 1
+  fi
+fi
+
+step "zoo: build the embedded default (once per ALIGNLAB_HOME)"
+alignlab zoo build
+
+step "notebook tests (nbdev_test; cells flagged slow/gpu/notest are skipped)"
+n=$(ls nbs/*.ipynb | wc -l)
+[ "$n" -gt 0 ] || { echo "no notebooks found" >&2; exit 1; }
+timeout 1200 nbdev_test --n_workers 2 --timing
+
+step "pytest"
+timeout 1800 python -m pytest -q tests
+step "done"

@@ -1,0 +1,40 @@
+"""The docs: _quarto.yml is the one config, the site renders, README.md is current."""
+import os
+from pathlib import Path
+import pytest
+from alignlab import docs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_quarto_yml_is_the_one_nbdev_reads():
+    link = ROOT / "nbs" / "_quarto.yml"
+    assert link.is_symlink() and link.resolve() == (ROOT / "_quarto.yml").resolve()
+
+
+@pytest.fixture(scope="module")
+def site():
+    return docs.render_site(ROOT)
+
+
+def test_every_sidebar_page_renders(site):
+    entries = docs.sidebar(ROOT)
+    assert len(entries) >= 5
+    for _, nb in entries:
+        page = site / Path(nb).with_suffix(".html").name
+        assert page.exists() and page.stat().st_size > 1000, page
+    html = (site / "01_zoo.html").read_text()
+    assert "build_tiny_llama" in html and "{target=" not in html and "#| export" not in html
+
+
+def test_docs_page_loads_in_chromium(site, page):
+    from playwright.sync_api import expect
+    page.goto((site / "02_templates.html").as_uri())
+    expect(page.locator("h1.title")).to_have_text("templates")
+    expect(page.locator("nav")).to_contain_text("quickstart")
+    page.locator("nav a", has_text="zoo").click()
+    expect(page.locator("h1.title")).to_have_text("zoo")
+
+
+def test_readme_is_generated_from_index_notebook():
+    assert (ROOT / "README.md").read_text() == docs.readme_text(ROOT), "README.md is stale: run `alignlab docs --readme`"

@@ -1,0 +1,56 @@
+"""The README's first command: `alignlab quickstart` on the embedded default."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qs") / "run"
+    r = subprocess.run([sys.executable, "-m", "alignlab", "quickstart", "--run_dir", str(d)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, r
+
+
+def test_run_directory_holds_everything(run):
+    d, r = run
+    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png", "generations.html",
+              "generations.jsonl", "sample.html", "summary.json"]:
+        assert (d / f).exists(), f
+    assert (d / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "LoRA SFT" in r.stderr  # the progress bar
+
+
+def test_training_improves_held_out_answers(run):
+    d, _ = run
+    s = json.loads((d / "summary.json").read_text())
+    assert s["exact_match_after"] > s["exact_match_before"]
+    assert s["exact_match_after"] >= 0.5, s  # visibly: most held-out questions answered right
+    assert s["last_loss"] < s["first_loss"] / 3
+    rows = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == s["n_test"] and sum(r["correct_after"] for r in rows) / len(rows) == s["exact_match_after"]
+
+
+def test_adapter_loads_with_plain_peft_and_reproduces_the_answers(run):
+    import torch
+    from transformers import AutoTokenizer, AutoModelForCausalLM
+    from peft import PeftModel
+    from alignlab import zoo
+    d, _ = run
+    base = AutoModelForCausalLM.from_pretrained(zoo.get("tiny-llama"))
+    model = PeftModel.from_pretrained(base, d / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(d / "adapter")
+    rows = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines()][:5]
+    for r in rows:
+        ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == r["after"]
+
+
+def test_pages_escape_and_show_the_mask(run):
+    d, _ = run
+    sample = (d / "sample.html").read_text()
+    assert 'class="tok loss"' in sample and "&lt;|eot_id|&gt;" in sample and "<|eot_id|>" not in sample
+    gens = (d / "generations.html").read_text()
+    assert "exact match before" in gens
