@@ -6,11 +6,11 @@
 __all__ = ['IGNORE_INDEX', 'BOT_ROLES', 'LLAMA3', 'ROLE_COLORS', 'Span', 'ChatTemplate', 'Sample', 'TruncationError', 'encode',
            'sample_html', 'to_jinja']
 
-# %% ../nbs/02_templates.ipynb #b2386085
+# %% ../nbs/02_templates.ipynb #044de8c2
 import html, json
 from dataclasses import dataclass, field
 
-# %% ../nbs/02_templates.ipynb #c26377f6
+# %% ../nbs/02_templates.ipynb #f1447146
 IGNORE_INDEX = -100  # label of a token that carries no loss
 BOT_ROLES = ("bot", "assistant")  # the guide's records say `bot`; Hugging Face's say `assistant`
 
@@ -19,7 +19,7 @@ class Span:
     "A character span of the rendered text: which message, which part (`prefix`, `content`, `suffix`), which role."
     start: int; end: int; message: int; part: str; role: str
 
-# %% ../nbs/02_templates.ipynb #5d539714
+# %% ../nbs/02_templates.ipynb #6af71174
 @dataclass
 class ChatTemplate:
     "The guide's `prompt_template`: a role→tag mapping, a prefix with `{role}`, and a suffix."
@@ -51,7 +51,7 @@ class ChatTemplate:
 LLAMA3 = ChatTemplate(role_tag_mapping={"bot": "assistant", "user": "user", "system": "system"},
                       prefix_template="<|start_header_id|>{role}<|end_header_id|>\n\n", suffix_template="<|eot_id|>")
 
-# %% ../nbs/02_templates.ipynb #d72abc14
+# %% ../nbs/02_templates.ipynb #40f88b3b
 @dataclass
 class Sample:
     "A tokenized chat: ids, labels, and enough of the rendering to show itself."
@@ -74,7 +74,7 @@ def _token_spans(offsets, spans):
         out.append(k if k < len(spans) else None)
     return out
 
-# %% ../nbs/02_templates.ipynb #44bbfd85
+# %% ../nbs/02_templates.ipynb #623cfb3c
 class TruncationError(ValueError):
     "No run of whole messages fits `max_tokens_count` (the sample is dropped and counted)."
 
@@ -105,7 +105,7 @@ def _encode_run(tpl, tokenizer, msgs, lo, hi, inference, only_answer_loss, only_
     return Sample(ids, labels, text, spans, offsets, tokenizer.convert_ids_to_tokens(ids), (lo, hi), n_messages,
                   truncated=(lo, hi) != (0, n_messages))
 
-# %% ../nbs/02_templates.ipynb #9851018b
+# %% ../nbs/02_templates.ipynb #ca50ee93
 def encode(tpl:ChatTemplate, tokenizer, messages:list, max_tokens_count:int=None, only_answer_loss:bool=True,
            keep_end:bool=False, inference:bool=False, only_last_replica_loss:bool=False) -> Sample:
     "Tokenize `messages` with `tpl`: whole-message truncation, loss mask, inference prompt (see the rules above)."
@@ -140,7 +140,7 @@ def encode(tpl:ChatTemplate, tokenizer, messages:list, max_tokens_count:int=None
 
 ChatTemplate.encode = encode
 
-# %% ../nbs/02_templates.ipynb #18d63db9
+# %% ../nbs/02_templates.ipynb #b4016ca1
 ROLE_COLORS = {"system": "#ede7f6", "user": "#e3f2fd", "bot": "#e8f5e9", None: "#eeeeee"}
 
 def _visible(tok_text:str) -> str:
@@ -166,7 +166,7 @@ def sample_html(s:Sample, title:str=None) -> str:
             f'<div>{head}</div><div>roles: {legend} · <b><u>bold underlined</u></b> = carries loss</div>'
             f'<div style="margin-top:6px">{"".join(parts)}</div></div>')
 
-# %% ../nbs/02_templates.ipynb #b0d5da81
+# %% ../nbs/02_templates.ipynb #e9863ca1
 def to_jinja(tpl:ChatTemplate, bos:bool=True) -> str:
     "The prompt_template as a Jinja chat template (`bos`: start with the tokenizer's `bos_token`)."
     roles = dict(tpl.role_tag_mapping)
