@@ -6,13 +6,13 @@
 __all__ = ['LORA_TARGETS', 'read_jsonl', 'left_pad', 'generate_answers', 'exact_match', 'collate', 'train_loop', 'plot_losses',
            'generations_html', 'quickstart']
 
-# %% ../nbs/11_quickstart.ipynb #13b8686f
+# %% ../nbs/11_quickstart.ipynb #8ec19b0a
 import json, math, os, random, time
 from pathlib import Path
 from . import zoo
 from .templates import LLAMA3, IGNORE_INDEX, sample_html
 
-# %% ../nbs/11_quickstart.ipynb #bf0eb2ee
+# %% ../nbs/11_quickstart.ipynb #7e9a3743
 def read_jsonl(path) -> list:
     "Records of a JSONL file; a bad line is an error naming the file and line."
     out = []
@@ -49,7 +49,7 @@ def exact_match(preds:list, golds:list) -> float:
     "Share of predictions equal to the gold answer (after stripping whitespace)."
     return sum(p.strip() == g.strip() for p, g in zip(preds, golds)) / max(1, len(golds))
 
-# %% ../nbs/11_quickstart.ipynb #b89b70fa
+# %% ../nbs/11_quickstart.ipynb #9b67a89d
 def collate(samples:list, pad_id:int):
     "Right-padded `input_ids`, `attention_mask`, `labels`."
     import torch
@@ -81,7 +81,7 @@ def train_loop(model, samples:list, pad_id:int, steps:int=400, batch_size:int=16
     model.eval()
     return losses
 
-# %% ../nbs/11_quickstart.ipynb #2bcba1ff
+# %% ../nbs/11_quickstart.ipynb #7f7dd5dc
 def plot_losses(losses:list, path):
     "Save the loss curve (raw and smoothed) as a PNG."
     import matplotlib; matplotlib.use("Agg")
@@ -107,7 +107,7 @@ def generations_html(rows:list, summary:dict) -> str:
             f"<b>{summary['exact_match_after']:.3f}</b> ({summary['n_test']} held-out prompts)</p>"
             f"<table><tr><th>prompt</th><th>gold</th><th>before</th><th>after</th></tr>{body}</table></body></html>")
 
-# %% ../nbs/11_quickstart.ipynb #68457a8b
+# %% ../nbs/11_quickstart.ipynb #48f806ad
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=5e-3, r:int=16, max_tokens_count:int=256,

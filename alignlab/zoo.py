@@ -10,11 +10,11 @@ __all__ = ['ZOO_VERSION', 'NOUNS', 'ADJS', 'VERBS', 'PAST', 'ADVS', 'PREPS', 'SY
            'build_preferences', 'build_classification', 'draw_shape', 'build_multimodal', 'build_rag', 'get',
            'card_markdown', 'card', 'card_pane', 'build_all']
 
-# %% ../nbs/01_zoo.ipynb #3d0dbc16
+# %% ../nbs/01_zoo.ipynb #ef5db61b
 import os, json, math, random, time, shutil, sys, contextlib
 from pathlib import Path
 
-# %% ../nbs/01_zoo.ipynb #2a49ec53
+# %% ../nbs/01_zoo.ipynb #d1641a13
 ZOO_VERSION = "1"  # bump when a builder changes: each version gets a fresh folder
 
 def home() -> Path:
@@ -26,7 +26,7 @@ def zoo_dir() -> Path:
     "The folder that holds this zoo version's items."
     return home()/f"zoo-v{ZOO_VERSION}"
 
-# %% ../nbs/01_zoo.ipynb #740152c2
+# %% ../nbs/01_zoo.ipynb #2baa922e
 NOUNS = """cat dog fox bird fish horse cow sheep goat mouse rabbit wolf bear lion tiger frog duck owl bee ant
 tree flower river lake sea hill mountain forest field garden road bridge house school market city village town
 castle tower door window table chair bed lamp book letter map clock key box bag cup plate bowl spoon knife
@@ -60,7 +60,7 @@ CATEGORIES = {
     "a thing": "door window table chair bed lamp book letter map clock key box bag cup plate bowl spoon knife".split(),
 }
 
-# %% ../nbs/01_zoo.ipynb #b0ec1630
+# %% ../nbs/01_zoo.ipynb #c5b7b114
 def invented_names(rng:random.Random, n:int) -> list:
     "`n` distinct capitalised names made of 2-3 syllables."
     out = set()
@@ -80,7 +80,7 @@ def sentence(rng:random.Random, names:list, places:list) -> str:
         f'{name} said: "I {past} the {a1} {n1} {adv}."',
         f"On day {rng.randint(1, 31)} of the year {rng.randint(1000, 2999)}, a {a1} {n1} {past} {prep} {place}."])
 
-# %% ../nbs/01_zoo.ipynb #100b5119
+# %% ../nbs/01_zoo.ipynb #017a3a92
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
 LLAMA3_ROLES = {"system": "system", "user": "user", "bot": "assistant"}
 
@@ -109,7 +109,7 @@ def corpus(seed:int=0, n_lines:int=20000) -> list:
         else: lines.append(" ".join(sentence(rng, names, places) for _ in range(rng.randint(1, 4))))
     return lines
 
-# %% ../nbs/01_zoo.ipynb #4d2b6039
+# %% ../nbs/01_zoo.ipynb #40a20b20
 def train_tokenizer(lines:list, vocab_size:int=4096):
     "Train the zoo's byte-level BPE on `lines`; returns a `PreTrainedTokenizerFast`."
     from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, processors
@@ -129,7 +129,7 @@ def train_tokenizer(lines:list, vocab_size:int=4096):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<|pad|>",
                                    model_max_length=512)
 
-# %% ../nbs/01_zoo.ipynb #73f840dc
+# %% ../nbs/01_zoo.ipynb #36001a22
 def pretrain(model, tok, lines:list, steps:int=300, seq_len:int=64, batch:int=32, lr:float=2e-3, seed:int=0, log=None):
     "Next-token pre-training of `model` on `lines`, packed into `seq_len` blocks; returns the loss per step."
     import torch
@@ -151,7 +151,7 @@ def pretrain(model, tok, lines:list, steps:int=300, seq_len:int=64, batch:int=32
     model.eval()
     return losses
 
-# %% ../nbs/01_zoo.ipynb #0d5031c1
+# %% ../nbs/01_zoo.ipynb #413209b6
 def tiny_llama_config(tok, **kw):
     "The zoo's Llama config: hidden 256, 4 layers, 4 heads, untied embeddings."
     from transformers import LlamaConfig
@@ -161,7 +161,7 @@ def tiny_llama_config(tok, **kw):
                                  tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, eot],
                                  pad_token_id=tok.pad_token_id), **kw})
 
-# %% ../nbs/01_zoo.ipynb #ab5e1d3b
+# %% ../nbs/01_zoo.ipynb #ec2d0930
 def build_tiny_llama(out:Path, steps:int=300, seed:int=0, log=print):
     "Train the tokenizer, pre-train the tiny Llama, save both (and the Llama-3 chat template) to `out`."
     import torch
@@ -183,7 +183,7 @@ def build_tiny_llama(out:Path, steps:int=300, seed:int=0, log=print):
     return dict(parameters=n, vocab_size=len(tok), corpus_lines=len(lines), steps=steps,
                 first_loss=round(losses[0], 3), last_loss=round(sum(losses[-20:]) / 20, 3), pretrain_seconds=round(time.time() - t, 1))
 
-# %% ../nbs/01_zoo.ipynb #a22cbaa4
+# %% ../nbs/01_zoo.ipynb #2753fca6
 def build_tiny_llama_cls(out:Path, num_labels:int=2, seed:int=0, log=print):
     "The tiny Llama backbone with a freshly initialized (seeded) sequence-classification head."
     import torch
@@ -197,7 +197,7 @@ def build_tiny_llama_cls(out:Path, num_labels:int=2, seed:int=0, log=print):
     model.save_pretrained(out); tok.save_pretrained(out)
     return dict(parameters=sum(p.numel() for p in model.parameters()), num_labels=num_labels, backbone="tiny-llama")
 
-# %% ../nbs/01_zoo.ipynb #c38db9c7
+# %% ../nbs/01_zoo.ipynb #ea7f1af9
 def build_tiny_clip(out:Path, seed:int=0, log=print):
     "A tiny CLIP (vision and text towers, randomly initialized with a seed) and its image processor."
     import torch
@@ -213,7 +213,7 @@ def build_tiny_clip(out:Path, seed:int=0, log=print):
     return dict(parameters=sum(p.numel() for p in model.parameters()), image_size=32, patch_size=8, n_patches=16,
                 vision_hidden=64)
 
-# %% ../nbs/01_zoo.ipynb #664d395c
+# %% ../nbs/01_zoo.ipynb #f3b7041e
 CHAT_QUESTIONS = ["What kind of thing is the {a} {n}?", "Name the category of the {a} {n}.", "Tell me what a {a} {n} is."]
 SYSTEM_PROMPTS = ["You are a precise assistant.", "Answer in one short sentence."]
 
@@ -248,7 +248,7 @@ def build_chat(out:Path, n_train:int=2000, n_val:int=100, n_test:int=60, seed:in
                   test=_write_jsonl(out/"test.jsonl", test))
     return dict(records=counts, format="chat", held_out="test (adjective, noun, question form) triples never occur in train")
 
-# %% ../nbs/01_zoo.ipynb #8652826b
+# %% ../nbs/01_zoo.ipynb #2d34e6af
 def build_preferences(out:Path, n_train:int=600, n_val:int=100, seed:int=0, log=print):
     "`pair_preferences`: the right category (answer_w) against a wrong one (answer_l)."
     rng = random.Random(seed + 1)
@@ -274,7 +274,7 @@ def build_classification(out:Path, n_train:int=600, n_val:int=200, seed:int=0, l
                              val=_write_jsonl(out/"val.jsonl", [record(i, "val") for i in range(n_val)])),
                 format="classification", labels={0: "no animal", 1: "animal"})
 
-# %% ../nbs/01_zoo.ipynb #07279043
+# %% ../nbs/01_zoo.ipynb #08804c67
 SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
                 "purple": (140, 60, 170), "black": (20, 20, 20)}
 
@@ -297,7 +297,8 @@ def build_multimodal(out:Path, n_images:int=120, seed:int=0, log=print):
         shape, color = rng.choice(["circle", "square", "triangle"]), rng.choice(sorted(SHAPE_COLORS))
         p = out/"images"/f"img_{i:04d}.png"
         draw_shape(shape, color, jitter=rng.randint(-3, 3)).save(p)
-        recs.append(dict(id=f"mm-{i}", messages=[{"role": "user", "type": "image", "content": str(p)},
+        # image paths are relative to the records file, so the dataset folder can move
+        recs.append(dict(id=f"mm-{i}", messages=[{"role": "user", "type": "image", "content": f"images/{p.name}"},
                                                   {"role": "user", "type": "text", "content": "What is in the picture?"},
                                                   {"role": "bot", "type": "text", "content": f"A {color} {shape}."}]))
     k = n_images * 5 // 6
@@ -320,7 +321,7 @@ def build_rag(out:Path, n_people:int=80, seed:int=0, log=print):
     return dict(records=dict(passages=_write_jsonl(out/"passages.jsonl", passages), train=_write_jsonl(out/"train.jsonl", recs[:k]),
                              val=_write_jsonl(out/"val.jsonl", recs[k:])), format="chat + passages")
 
-# %% ../nbs/01_zoo.ipynb #c5be0b8f
+# %% ../nbs/01_zoo.ipynb #5da15d9d
 ITEMS = {
     "tiny-llama": ("model", build_tiny_llama, "Llama-architecture causal LM (~4M parameters) and byte-level BPE tokenizer with Llama-3 chat tokens, pre-trained briefly on a synthetic corpus"),
     "tiny-llama-cls": ("model", build_tiny_llama_cls, "tiny-llama backbone with a 2-label sequence-classification head"),
