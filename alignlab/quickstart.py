@@ -6,13 +6,13 @@
 __all__ = ['LORA_TARGETS', 'read_jsonl', 'left_pad', 'generate_answers', 'exact_match', 'collate', 'train_loop', 'plot_losses',
            'generations_html', 'quickstart']
 
-# %% ../nbs/11_quickstart.ipynb #8ec19b0a
+# %% ../nbs/11_quickstart.ipynb #7795e9bd
 import json, math, os, random, time
 from pathlib import Path
 from . import zoo
 from .templates import LLAMA3, IGNORE_INDEX, sample_html
 
-# %% ../nbs/11_quickstart.ipynb #7e9a3743
+# %% ../nbs/11_quickstart.ipynb #4ac90405
 def read_jsonl(path) -> list:
     "Records of a JSONL file; a bad line is an error naming the file and line."
     out = []
@@ -49,7 +49,7 @@ def exact_match(preds:list, golds:list) -> float:
     "Share of predictions equal to the gold answer (after stripping whitespace)."
     return sum(p.strip() == g.strip() for p, g in zip(preds, golds)) / max(1, len(golds))
 
-# %% ../nbs/11_quickstart.ipynb #9b67a89d
+# %% ../nbs/11_quickstart.ipynb #7b1db5ef
 def collate(samples:list, pad_id:int):
     "Right-padded `input_ids`, `attention_mask`, `labels`."
     import torch
@@ -81,7 +81,7 @@ def train_loop(model, samples:list, pad_id:int, steps:int=400, batch_size:int=16
     model.eval()
     return losses
 
-# %% ../nbs/11_quickstart.ipynb #7f7dd5dc
+# %% ../nbs/11_quickstart.ipynb #8056f7ba
 def plot_losses(losses:list, path):
     "Save the loss curve (raw and smoothed) as a PNG."
     import matplotlib; matplotlib.use("Agg")
@@ -97,7 +97,7 @@ def generations_html(rows:list, summary:dict) -> str:
     "Before/after generations side by side, as a self-contained page."
     import html
     esc = lambda x: html.escape(str(x))
-    mark = lambda ok: "✅" if ok else "❌"
+    mark = lambda ok: '<span style="color:#1b5e20">✓</span>' if ok else '<span style="color:#b71c1c">✗</span>'
     body = "".join(f"<tr><td>{esc(r['prompt'])}</td><td>{esc(r['gold'])}</td><td>{mark(r['correct_before'])} {esc(r['before'])}</td>"
                    f"<td>{mark(r['correct_after'])} {esc(r['after'])}</td></tr>" for r in rows)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>alignlab quickstart: generations</title>"
@@ -107,7 +107,7 @@ def generations_html(rows:list, summary:dict) -> str:
             f"<b>{summary['exact_match_after']:.3f}</b> ({summary['n_test']} held-out prompts)</p>"
             f"<table><tr><th>prompt</th><th>gold</th><th>before</th><th>after</th></tr>{body}</table></body></html>")
 
-# %% ../nbs/11_quickstart.ipynb #48f806ad
+# %% ../nbs/11_quickstart.ipynb #ba2b0138
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=5e-3, r:int=16, max_tokens_count:int=256,
@@ -125,9 +125,10 @@ def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=5e-3, r:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     train, test = read_jsonl(data_path/"train.jsonl"), read_jsonl(data_path/"test.jsonl")
     samples = [LLAMA3.encode(tok, rec["messages"], max_tokens_count=max_tokens_count, only_answer_loss=True) for rec in train]
+    shown = max(range(min(50, len(samples))), key=lambda i: len(samples[i]))  # a multi-turn one, if there is one
     (run_dir/"sample.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>alignlab: a training sample</title></head><body>"
-        + sample_html(max(samples[:50], key=len), title=f"training sample {train[0]['id']} (Llama-3 template, only_answer_loss)")
+        + sample_html(samples[shown], title=f"training sample {train[shown]['id']} (Llama-3 template, only_answer_loss)")
         + "</body></html>")
     golds = [rec["messages"][-1]["content"] for rec in test]
     log(f"held-out prompts: {len(test)}; training chats: {len(samples)}; generating before training...")

@@ -8,7 +8,7 @@ import pytest
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("qs") / "run"
     r = subprocess.run([sys.executable, "-m", "alignlab", "quickstart", "--run_dir", str(d)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     return d, r
 
