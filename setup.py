@@ -21,7 +21,7 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['alignlab', 'alignlab.*']), include_package_data=True,
     python_requires='>=' + cfg['min_python'], install_requires=reqs,
-    extras_require={'dev': dev_reqs, 'vllm': vllm_reqs},
+    extras_require={'dev': dev_reqs, 'vllm': vllm_reqs, 'bench': shlex.split(cfg.get('bench_requirements',''))},
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

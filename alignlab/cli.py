@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['parser', 'main']
 
-# %% ../nbs/13_cli.ipynb #3b936ec0
+# %% ../nbs/13_cli.ipynb #76eb36dc
 import argparse, json, os, sys, time
 
-# %% ../nbs/13_cli.ipynb #65a4983a
+# %% ../nbs/13_cli.ipynb #406ba2db
 def _quickstart(a):
     from alignlab.quickstart import quickstart
     s = quickstart(a.run_dir, steps=a.steps, lr=a.lr, seed=a.seed, progress=not a.no_progress)
@@ -28,12 +28,16 @@ def _zoo(a):
         if not a.names: raise SystemExit(f"alignlab zoo {a.action}: name an item ({', '.join(zoo.ITEMS)})")
         for n in a.names: print(zoo.get(n) if a.action == "path" else (zoo.get(n)/"README.md").read_text())
 
+def _merge(a):
+    from alignlab.models import merge_from_settings
+    print(f"merged model: {merge_from_settings(a.settings_path)}")
+
 def _docs(a):
     from alignlab.docs import render_site, write_readme
     if a.readme: print(f"wrote {write_readme()}")
     else: print(f"docs site: {render_site(force_fallback=a.no_quarto)}")
 
-# %% ../nbs/13_cli.ipynb #d842ef21
+# %% ../nbs/13_cli.ipynb #4ac97e96
 def parser() -> argparse.ArgumentParser:
     "The `alignlab` argument parser."
     p = argparse.ArgumentParser(prog="alignlab", description="alignlab: align and fine-tune language models, and see what they are trained on.")
@@ -46,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="the embedded default: list, build, show a card, print a path")
     z.add_argument("action", choices=["list", "build", "card", "path"]); z.add_argument("names", nargs="*")
     z.set_defaults(func=_zoo)
+    m = sub.add_parser("merge_adapters_to_base", help="fold a LoRA adapter into its base; write a plain transformers checkpoint")
+    m.add_argument("--settings_path", "--experiment_settings_path", dest="settings_path", required=True,
+                   help="JSON: model_settings, adapter_path, save_path (tokenizer_settings, special_tokens_settings, max_shard_size optional)")
+    m.set_defaults(func=_merge)
     d = sub.add_parser("docs", help="render the docs site (Quarto if installed, else nbconvert) or the README")
     d.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb")
     d.add_argument("--no_quarto", action="store_true", help="use the nbconvert renderer even where quarto exists")

@@ -30,3 +30,11 @@ def test_zoo_list_and_path(tiny_llama):
     r = _run("zoo", "list")
     assert "tiny-llama" in r.stdout and "built" in r.stdout
     assert _run("zoo", "path", "tiny-llama").stdout.strip() == str(tiny_llama)
+
+
+def test_merge_command_reports_bad_settings_in_one_line(tmp_path):
+    cfg = tmp_path / "merge.json"
+    cfg.write_text('{"model_settings": {"model_path": "/no/such/model"}, "adapter_path": "/no/adapter", "save_path": "%s"}' % (tmp_path / "out"))
+    r = _run("merge_adapters_to_base", "--settings_path", str(cfg))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "model_path" in r.stderr or "/no/such/model" in r.stderr
