@@ -6,13 +6,13 @@
 __all__ = ['LORA_TARGETS', 'read_jsonl', 'left_pad', 'generate_answers', 'exact_match', 'collate', 'train_loop', 'plot_losses',
            'generations_html', 'quickstart']
 
-# %% ../nbs/11_quickstart.ipynb #7795e9bd
+# %% ../nbs/11_quickstart.ipynb #3bd554a3
 import json, math, os, random, time
 from pathlib import Path
 from . import zoo
 from .templates import LLAMA3, IGNORE_INDEX, sample_html
 
-# %% ../nbs/11_quickstart.ipynb #4ac90405
+# %% ../nbs/11_quickstart.ipynb #76e2407d
 def read_jsonl(path) -> list:
     "Records of a JSONL file; a bad line is an error naming the file and line."
     out = []
@@ -49,7 +49,7 @@ def exact_match(preds:list, golds:list) -> float:
     "Share of predictions equal to the gold answer (after stripping whitespace)."
     return sum(p.strip() == g.strip() for p, g in zip(preds, golds)) / max(1, len(golds))
 
-# %% ../nbs/11_quickstart.ipynb #7b1db5ef
+# %% ../nbs/11_quickstart.ipynb #28fa56e3
 def collate(samples:list, pad_id:int):
     "Right-padded `input_ids`, `attention_mask`, `labels`."
     import torch
@@ -81,15 +81,17 @@ def train_loop(model, samples:list, pad_id:int, steps:int=400, batch_size:int=16
     model.eval()
     return losses
 
-# %% ../nbs/11_quickstart.ipynb #8056f7ba
+# %% ../nbs/11_quickstart.ipynb #5c916185
 def plot_losses(losses:list, path):
     "Save the loss curve (raw and smoothed) as a PNG."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     k = max(1, len(losses) // 25)
-    smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
+    win = lambda i: losses[max(0, i - k):i + k + 1]  # centred, so the curve does not lag the raw loss
+    smooth = [sum(win(i)) / len(win(i)) for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(losses, alpha=0.35, label="loss"); ax.plot(smooth, label=f"mean of {k + 1} steps")
+    ax.plot(losses, alpha=0.35, label="loss"); ax.plot(smooth, label=f"mean of {2 * k + 1} steps")
+    ax.set_yscale("log")  # the late gains (the category word) are small next to the first drop (the format)
     ax.set_xlabel("step"); ax.set_ylabel("loss (answer tokens)"); ax.set_title("quickstart: LoRA SFT on the chat sample")
     ax.legend(); fig.tight_layout(); fig.savefig(path); plt.close(fig)
 
@@ -107,7 +109,7 @@ def generations_html(rows:list, summary:dict) -> str:
             f"<b>{summary['exact_match_after']:.3f}</b> ({summary['n_test']} held-out prompts)</p>"
             f"<table><tr><th>prompt</th><th>gold</th><th>before</th><th>after</th></tr>{body}</table></body></html>")
 
-# %% ../nbs/11_quickstart.ipynb #ba2b0138
+# %% ../nbs/11_quickstart.ipynb #d649f205
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=5e-3, r:int=16, max_tokens_count:int=256,
