@@ -1,0 +1,46 @@
+"""The token inspector, served by `panel serve` and driven in headless Chromium; and its static export."""
+import re
+import pytest
+
+APP = """
+from transformers import AutoTokenizer
+from alignlab import zoo
+from alignlab.inspect.tokens import token_inspector, _records
+tok = AutoTokenizer.from_pretrained(zoo.get("tiny-llama"))
+recs = _records(zoo.get("chat") / "val.jsonl")[:10]
+token_inspector(recs, tok).servable()
+"""
+
+
+def n_loss(text): return int(re.search(r"(\d+) carry loss", text).group(1))
+
+
+def test_inspector_mask_changes_live_in_chromium(serve_app, page, tiny_llama):
+    from playwright.sync_api import expect
+    page.goto(serve_app(APP))
+    summary = page.locator(".summary")
+    expect(summary).to_contain_text("carry loss", timeout=30000)
+    before = summary.inner_text()
+    loss_before = page.locator(".tok.loss").count()
+    assert loss_before == n_loss(before) > 0
+    boxes = page.locator("input[type=checkbox]")  # Bokeh's checkbox: <input> followed by its label <div>
+    names = [boxes.nth(i).evaluate("e => e.nextElementSibling.textContent") for i in range(boxes.count())]
+    box = boxes.nth(names.index("only_answer_loss"))
+    assert box.is_checked()
+    box.click()  # off: the user's messages train too
+    expect(summary).not_to_have_text(before, timeout=15000)
+    after = summary.inner_text()
+    assert n_loss(after) > n_loss(before)
+    expect(page.locator(".tok.loss")).to_have_count(n_loss(after))
+    assert "<|eot_id|>" in page.locator(".tok").last.inner_text()  # special tokens shown as text, escaped
+
+
+def test_static_export_renders_offline(page, tok, tmp_path):
+    from playwright.sync_api import expect
+    from alignlab import zoo
+    from alignlab.inspect.tokens import export_html, _records
+    p = export_html(_records(zoo.get("chat") / "val.jsonl")[:2], tok, tmp_path / "inspector.html", n_records=2)
+    text = p.read_text()
+    assert 'src="https://cdn.bokeh.org' not in text and 'src="https://cdn.holoviz.org' not in text
+    page.goto(p.as_uri())
+    expect(page.locator(".summary")).to_contain_text("carry loss", timeout=30000)
