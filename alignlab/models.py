@@ -9,17 +9,17 @@ __all__ = ['log', 'TaskType', 'PeftSettings', 'PEFT_NAMES', 'SPECIAL_KINDS', 'Tr
            'add_new_tokens', 'peft_config', 'check_adapter_vocab', 'load_model', 'save_model', 'merge_adapters_to_base',
            'MergeSettings', 'merge_from_settings', 'TokenView', 'token_view']
 
-# %% ../nbs/05_models.ipynb #16e91d94
+# %% ../nbs/05_models.ipynb #edf4e721
 import json, logging
 from pathlib import Path
 from typing import Literal, Optional, Union, Annotated
 from pydantic import Field, model_validator
 from .settings import Settings, SettingsError, load_settings
 
-# %% ../nbs/05_models.ipynb #5bc3e9ff
+# %% ../nbs/05_models.ipynb #6087dfdb
 log = logging.getLogger("alignlab.models")
 
-# %% ../nbs/05_models.ipynb #2b9e9526
+# %% ../nbs/05_models.ipynb #93e28531
 class TransformersSettings(Settings):
     "Arguments for `from_pretrained` that are not model-specific."
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", alias="torch_dtype")
@@ -41,7 +41,7 @@ class SpecialTokensSettings(Settings):
     unk_token: Optional[str] = None
     sep_token: Optional[str] = None
 
-# %% ../nbs/05_models.ipynb #236b07c2
+# %% ../nbs/05_models.ipynb #9dd40632
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
 
 class LoraSettings(Settings):
@@ -81,7 +81,7 @@ class PTuningSettings(Settings):
 PeftSettings = Annotated[Union[LoraSettings, PrefixTuningSettings, PromptTuningSettings, PTuningSettings], Field(discriminator="name")]
 PEFT_NAMES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
-# %% ../nbs/05_models.ipynb #a4ac1696
+# %% ../nbs/05_models.ipynb #2d55a60e
 class ModelSettings(Settings):
     "The guide's `model_settings`."
     model_path: str
@@ -107,7 +107,7 @@ class ModelSettings(Settings):
             raise SettingsError("adapter_path and peft_settings are both set; expected one: an adapter to load, or a new one to train")
         return self
 
-# %% ../nbs/05_models.ipynb #bdd3f993
+# %% ../nbs/05_models.ipynb #e03c0959
 def parse_model_settings(src) -> ModelSettings:
     "`ModelSettings` from a dict, a JSON path or an object; errors name the field as `model_settings.<field>`."
     try: return load_settings(ModelSettings, src)
@@ -115,7 +115,7 @@ def parse_model_settings(src) -> ModelSettings:
         msg = str(e)
         raise SettingsError(msg if msg.startswith("model_settings") or ": " not in msg or "/" in msg.split(": ")[0] else f"model_settings.{msg}") from None
 
-# %% ../nbs/05_models.ipynb #6d665c4b
+# %% ../nbs/05_models.ipynb #cc125abd
 def resolve_path(path:str, setting:str="model_settings.model_path") -> Path:
     "A local model directory for `path`: an existing directory, or a zoo name."
     p = Path(path).expanduser()
@@ -147,7 +147,7 @@ def _check_checkpoint(path:Path, ms:ModelSettings):
                                 f"expected {have} (or start from the causal backbone to train a fresh {want}-label head)")
     return cfg
 
-# %% ../nbs/05_models.ipynb #5345a3e8
+# %% ../nbs/05_models.ipynb #b86cb90c
 def load_tokenizer(tokenizer_settings=None, model_path=None):
     "The tokenizer from `tokenizer_settings.tokenizer_path`, else from `model_path`."
     from transformers import AutoTokenizer
@@ -172,7 +172,7 @@ def set_special_tokens(tok, special_tokens_settings=None) -> list:
         report.append(f"{kind}_token: set to {want!r}" + (" (a new token)" if new else f" (existing id {tok.convert_tokens_to_ids(want)})"))
     return report
 
-# %% ../nbs/05_models.ipynb #2509a8c9
+# %% ../nbs/05_models.ipynb #2785f66a
 def _tied(model) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
@@ -213,7 +213,7 @@ def add_new_tokens(model, tok, strategy:Optional[dict]=None, known:Optional[set]
             info[t] = (i, strategy.get(t, "mean of all rows"), ids)
     return info
 
-# %% ../nbs/05_models.ipynb #6e05df6e
+# %% ../nbs/05_models.ipynb #eae21aba
 def _module_name(model, mod) -> Optional[str]:
     return next((n for n, m in model.named_modules() if m is mod), None) if mod is not None else None
 
@@ -251,7 +251,7 @@ def peft_config(ps, model, model_type:str="causal", new_ids:Optional[list]=None,
     if kw["encoder_hidden_size"] is None: kw["encoder_hidden_size"] = model.config.hidden_size
     return peft.PromptEncoderConfig(task_type=task, **kw)
 
-# %% ../nbs/05_models.ipynb #861819e3
+# %% ../nbs/05_models.ipynb #6b1394d8
 def _adapter_rows(adapter:Path, model) -> Optional[int]:
     "The vocabulary size the adapter's saved embedding tensors have, if it saved any."
     from safetensors import safe_open
@@ -281,7 +281,7 @@ def check_adapter_vocab(adapter_path, model, tok):
                             f"{'; ' + diff if diff else ''}; expected the same tokens: give the training run's embeddings_initialization_strategy "
                             "and special_tokens_settings (same order), or remove duplicate special tokens")
 
-# %% ../nbs/05_models.ipynb #c5fddadc
+# %% ../nbs/05_models.ipynb #79e2bb14
 def _auto_class(model_type:str):
     import transformers
     return {"causal": transformers.AutoModelForCausalLM, "seq_cls": transformers.AutoModelForSequenceClassification}[model_type]
@@ -341,7 +341,7 @@ def save_model(model, tok, out) -> Path:
     model.save_pretrained(out); tok.save_pretrained(out)
     return out
 
-# %% ../nbs/05_models.ipynb #cd2ae478
+# %% ../nbs/05_models.ipynb #c4229222
 def merge_adapters_to_base(model_settings, save_path, tokenizer_settings=None, special_tokens_settings=None,
                            adapter_path=None, max_shard_size="400MB") -> Path:
     "Load base + adapter as `load_model` does, merge the adapter into the weights, save a plain transformers model to `save_path`."
@@ -356,7 +356,7 @@ def merge_adapters_to_base(model_settings, save_path, tokenizer_settings=None, s
     merged.save_pretrained(out, max_shard_size=max_shard_size); tok.save_pretrained(out)
     return out
 
-# %% ../nbs/05_models.ipynb #28e74722
+# %% ../nbs/05_models.ipynb #1a3d05e1
 class MergeSettings(Settings):
     "Settings of `merge_adapters_to_base` as a JSON file."
     model_settings: ModelSettings
@@ -371,7 +371,7 @@ def merge_from_settings(src) -> Path:
     s = load_settings(MergeSettings, src)
     return merge_adapters_to_base(s.model_settings, s.save_path, s.tokenizer_settings, s.special_tokens_settings, s.adapter_path, s.max_shard_size)
 
-# %% ../nbs/05_models.ipynb #c0de0a4d
+# %% ../nbs/05_models.ipynb #cb92bfb9
 class TokenView:
     "New tokens with init source, norm and nearest neighbours; renders as a table in a notebook."
     def __init__(self, rows:list): self.rows = rows

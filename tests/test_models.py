@@ -211,8 +211,9 @@ def test_merge_adapters_to_base(arch, tmp_path, tiny_gpt2, capsys):
     assert not (out/"adapter_config.json").exists() and list(out.glob("*.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(out)
     delta = (logits(merged, batch) - ref).abs().max().item()
-    with capsys.disabled(): print(f"\nmerge {arch}: max |Δlogits| = {delta:.2e}", end="")
-    assert delta < 1e-4
+    scale = ref.abs().max().item()
+    with capsys.disabled(): print(f"\nmerge {arch}: max |Δlogits| = {delta:.2e} (largest logit {scale:.1f})", end="")
+    assert delta < 1e-4 * max(1.0, scale)  # float32 tolerance, relative to the logits' scale
 
 
 def test_merge_refuses_prompt_learning(tmp_path):
