@@ -7,7 +7,7 @@ __all__ = ['DATASET_TYPES', 'MESSAGE_KEYS', 'RECORD_KEYS', 'SourceSettings', 'Pr
            'DataError', 'check_record', 'read_source', 'TokenStore', 'encode_chats', 'DatasetReport', 'ChatDataset',
            'PairPreferenceDataset', 'ClassificationDataset', 'SamplingDataset', 'build_dataset']
 
-# %% ../nbs/03_data.ipynb #b92b5b1c
+# %% ../nbs/03_data.ipynb #9483897a
 import json, random, zlib, io, base64, html, itertools
 from collections import Counter
 from pathlib import Path
@@ -18,7 +18,7 @@ from .settings import Settings, SettingsError, did_you_mean, load_settings
 from .templates import (ChatTemplate, LLAMA3, IGNORE_INDEX, TruncationError, allowed_ends, role_of, special_edges,
                                 overlap_mask, encode, Sample)
 
-# %% ../nbs/03_data.ipynb #00cad29a
+# %% ../nbs/03_data.ipynb #8c88b6cd
 class SourceSettings(Settings):
     "One source of records: a JSONL file or inline records, how much of it to take, and an optional system prompt."
     name: str
@@ -81,7 +81,7 @@ class DatasetSettings(Settings):
             raise ValueError("ignore_system_prompt and a source's system_prompt cannot both be set")
         return self
 
-# %% ../nbs/03_data.ipynb #058d22c2
+# %% ../nbs/03_data.ipynb #dececccf
 class DataError(ValueError):
     "A bad record or source: one line naming the file, the line and the field."
 
@@ -157,7 +157,7 @@ def check_record(r, dataset_type:str, where:str) -> dict:
         if "dataset_name" in r: out["dataset_name"] = r["dataset_name"]
     return out
 
-# %% ../nbs/03_data.ipynb #33873688
+# %% ../nbs/03_data.ipynb #fde7530e
 def read_source(src:SourceSettings, dataset_type:str="chat", seed:int=0, notes:list=None) -> list:
     "The validated, sliced (`offset`, `n_rows`) and sampled records of one source."
     if src.records_path is not None:
@@ -189,7 +189,7 @@ def read_source(src:SourceSettings, dataset_type:str="chat", seed:int=0, notes:l
                 if key in r: r[key] = [sp] + [m for j, m in enumerate(r[key]) if not (j == 0 and m["role"] == "system")]
     return recs
 
-# %% ../nbs/03_data.ipynb #ae979379
+# %% ../nbs/03_data.ipynb #f0f69c19
 class TokenStore:
     "Token ids (int32) and loss mask (uint8) of many samples, stored in chunks."
     def __init__(self): self.ids, self.mask, self.starts, self.ptrs = [], [], [], []; self.n = 0
@@ -289,7 +289,7 @@ def encode_chats(tpl:ChatTemplate, tokenizer, chats:list, max_tokens_count:int=N
         store.add(ids, mask, lens)
     return store, kept, status
 
-# %% ../nbs/03_data.ipynb #963992c3
+# %% ../nbs/03_data.ipynb #34dd3118
 class DatasetReport:
     "What a dataset build kept, cut and dropped, and what looks wrong (the mask doctor)."
     def __init__(self, name, status, lengths, n_tokens, n_loss, warnings, notes, training=True):
@@ -335,7 +335,9 @@ def _doctor(tokenizer, tpl, store, status, training, texts_start_with_bos, per_p
     if training and store.n_tokens():
         no_loss = sum(1 for s in status if s == "no token carries loss")
         if no_loss: w.append(f"{no_loss} samples have no token that carries loss (dropped)")
-        if tpl.suffix_template:
+        if not tpl.suffix_template:
+            w.append("suffix_template is empty: bot answers end with no stop token, so the model will not learn to stop")
+        else:
             sid = tokenizer(tpl.suffix_template, add_special_tokens=False)["input_ids"]
             if sid and store.count_loss_id(sid[-1]) == 0:
                 w.append(f"the suffix/stop token {tokenizer.convert_ids_to_tokens(sid[-1])!r} never carries loss: the model will not learn to stop")
@@ -348,7 +350,7 @@ def _doctor(tokenizer, tpl, store, status, training, texts_start_with_bos, per_p
     if per_piece: w.append("slow tokenizer: tokenized per piece (prefix, content, suffix); ids may differ from what a fast tokenizer serves")
     return w
 
-# %% ../nbs/03_data.ipynb #350ebb37
+# %% ../nbs/03_data.ipynb #20bc4375
 class ChatDataset:
     "Tokenized samples (training or inference) with their report; `ds[i]` is a dict of numpy arrays."
     def __init__(self, records, store, kept, status, report, template, tokenizer, options):
@@ -401,7 +403,7 @@ class SamplingDataset(ChatDataset):
 def _pair_chat(r, side):
     return [{**m, "disable_loss": True} for m in r["context"]] + [r["answer_" + side]]
 
-# %% ../nbs/03_data.ipynb #90860183
+# %% ../nbs/03_data.ipynb #b7e0f1df
 def build_dataset(settings, tokenizer, inference:bool=False, name:str=None):
     "Read every source of `settings` (a `DatasetSettings`, dict or JSON path) and tokenize by its `dataset_type`."
     st = load_settings(DatasetSettings, settings)

@@ -110,6 +110,8 @@ def test_doctor_warnings(tok):
     assert any("pad == eos" in w for w in build_dataset(d, t2).report.warnings)
     w = build_dataset({**d, "prompt_template": {"role_tag_mapping": {"user": "user", "bot": "assistant"}}}, tok).report.warnings
     assert any("role_tag_mapping" in x for x in w)
+    w = build_dataset({**d, "prompt_template": {"suffix_template": ""}}, tok).report.warnings
+    assert any("suffix_template is empty" in x for x in w)
     d2 = {**d, "prompt_template": {"prefix_template": "<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\n\n"}}
     ds = build_dataset(d2, tok)
     assert any("double BOS" in x for x in ds.report.warnings) and list(ds[0]["input_ids"][:2]).count(tok.bos_token_id) == 1

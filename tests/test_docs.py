@@ -21,15 +21,17 @@ def test_every_sidebar_page_renders(site):
     entries = docs.sidebar(ROOT)
     assert len(entries) >= 5
     for _, nb in entries:
-        page = site / Path(nb).with_suffix(".html").name
+        page = site / docs.page_name(nb, ROOT)
         assert page.exists() and page.stat().st_size > 1000, page
-    html = (site / "01_zoo.html").read_text()
+    html = (site / docs.page_name("01_zoo.ipynb", ROOT)).read_text()
     assert "build_tiny_llama" in html and "{target=" not in html and "#| export" not in html
+    index = (site / "index.html").read_text()
+    assert 'href="templates.html#chattemplate"' in index and "alignlab.invalid" not in index  # doc links stay in the site
 
 
 def test_docs_page_loads_in_chromium(site, page):
     from playwright.sync_api import expect
-    page.goto((site / "02_templates.html").as_uri())
+    page.goto((site / docs.page_name("02_templates.ipynb", ROOT)).as_uri())
     expect(page.locator("h1.title")).to_have_text("templates")
     expect(page.locator("nav")).to_contain_text("quickstart")
     page.locator("nav a", has_text="zoo").click()
