@@ -9,17 +9,17 @@ __all__ = ['log', 'TaskType', 'PeftSettings', 'PEFT_NAMES', 'SPECIAL_KINDS', 'Tr
            'add_new_tokens', 'peft_config', 'check_adapter_vocab', 'load_model', 'save_model', 'merge_adapters_to_base',
            'MergeSettings', 'merge_from_settings', 'TokenView', 'token_view']
 
-# %% ../nbs/05_models.ipynb #edf4e721
+# %% ../nbs/05_models.ipynb #19be0a02
 import json, logging
 from pathlib import Path
 from typing import Literal, Optional, Union, Annotated
 from pydantic import Field, model_validator
 from .settings import Settings, SettingsError, load_settings
 
-# %% ../nbs/05_models.ipynb #6087dfdb
+# %% ../nbs/05_models.ipynb #17c4a201
 log = logging.getLogger("alignlab.models")
 
-# %% ../nbs/05_models.ipynb #93e28531
+# %% ../nbs/05_models.ipynb #8e657c8b
 class TransformersSettings(Settings):
     "Arguments for `from_pretrained` that are not model-specific."
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", alias="torch_dtype")
@@ -41,7 +41,7 @@ class SpecialTokensSettings(Settings):
     unk_token: Optional[str] = None
     sep_token: Optional[str] = None
 
-# %% ../nbs/05_models.ipynb #9dd40632
+# %% ../nbs/05_models.ipynb #d4df947f
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
 
 class LoraSettings(Settings):
@@ -55,33 +55,32 @@ class LoraSettings(Settings):
     target_modules: Optional[Union[list[str], str]] = None
     modules_to_save: Optional[list[str]] = None
 
-class PrefixTuningSettings(Settings):
-    "Prefix tuning: trained key/value prefixes in every layer (optionally through a projection MLP)."
-    name: Literal["PREFIX_TUNING"]
+class _VirtualTokenSettings(Settings):
+    "What the prompt-learning methods share: a number of virtual tokens."
     task_type: Optional[TaskType] = None
     num_virtual_tokens: int = 32
+
+class PrefixTuningSettings(_VirtualTokenSettings):
+    "Prefix tuning: trained key/value prefixes in every layer (optionally through a projection MLP)."
+    name: Literal["PREFIX_TUNING"]
     prefix_projection: bool = False
     encoder_hidden_size: Optional[int] = None
 
-class PromptTuningSettings(Settings):
+class PromptTuningSettings(_VirtualTokenSettings):
     "Prompt tuning: trained virtual-token embeddings, random or initialized from a text."
     name: Literal["PROMPT_TUNING"]
-    task_type: Optional[TaskType] = None
-    num_virtual_tokens: int = 32
     prompt_tuning_init_text: Optional[str] = None
 
-class PTuningSettings(Settings):
+class PTuningSettings(_VirtualTokenSettings):
     "P-tuning: virtual-token embeddings produced by a small MLP or LSTM prompt encoder."
     name: Literal["P_TUNING"]
-    task_type: Optional[TaskType] = None
-    num_virtual_tokens: int = 32
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
     encoder_hidden_size: Optional[int] = None
 
 PeftSettings = Annotated[Union[LoraSettings, PrefixTuningSettings, PromptTuningSettings, PTuningSettings], Field(discriminator="name")]
 PEFT_NAMES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
-# %% ../nbs/05_models.ipynb #2d55a60e
+# %% ../nbs/05_models.ipynb #2b48f759
 class ModelSettings(Settings):
     "The guide's `model_settings`."
     model_path: str
@@ -107,7 +106,7 @@ class ModelSettings(Settings):
             raise SettingsError("adapter_path and peft_settings are both set; expected one: an adapter to load, or a new one to train")
         return self
 
-# %% ../nbs/05_models.ipynb #e03c0959
+# %% ../nbs/05_models.ipynb #b7e8a04b
 def parse_model_settings(src) -> ModelSettings:
     "`ModelSettings` from a dict, a JSON path or an object; errors name the field as `model_settings.<field>`."
     try: return load_settings(ModelSettings, src)
@@ -115,7 +114,7 @@ def parse_model_settings(src) -> ModelSettings:
         msg = str(e)
         raise SettingsError(msg if msg.startswith("model_settings") or ": " not in msg or "/" in msg.split(": ")[0] else f"model_settings.{msg}") from None
 
-# %% ../nbs/05_models.ipynb #cc125abd
+# %% ../nbs/05_models.ipynb #b2ca599f
 def resolve_path(path:str, setting:str="model_settings.model_path") -> Path:
     "A local model directory for `path`: an existing directory, or a zoo name."
     p = Path(path).expanduser()
@@ -147,7 +146,7 @@ def _check_checkpoint(path:Path, ms:ModelSettings):
                                 f"expected {have} (or start from the causal backbone to train a fresh {want}-label head)")
     return cfg
 
-# %% ../nbs/05_models.ipynb #b86cb90c
+# %% ../nbs/05_models.ipynb #d603f7f1
 def load_tokenizer(tokenizer_settings=None, model_path=None):
     "The tokenizer from `tokenizer_settings.tokenizer_path`, else from `model_path`."
     from transformers import AutoTokenizer
@@ -172,7 +171,7 @@ def set_special_tokens(tok, special_tokens_settings=None) -> list:
         report.append(f"{kind}_token: set to {want!r}" + (" (a new token)" if new else f" (existing id {tok.convert_tokens_to_ids(want)})"))
     return report
 
-# %% ../nbs/05_models.ipynb #2785f66a
+# %% ../nbs/05_models.ipynb #6194a6db
 def _tied(model) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
@@ -213,7 +212,7 @@ def add_new_tokens(model, tok, strategy:Optional[dict]=None, known:Optional[set]
             info[t] = (i, strategy.get(t, "mean of all rows"), ids)
     return info
 
-# %% ../nbs/05_models.ipynb #eae21aba
+# %% ../nbs/05_models.ipynb #94bc78db
 def _module_name(model, mod) -> Optional[str]:
     return next((n for n, m in model.named_modules() if m is mod), None) if mod is not None else None
 
@@ -251,7 +250,7 @@ def peft_config(ps, model, model_type:str="causal", new_ids:Optional[list]=None,
     if kw["encoder_hidden_size"] is None: kw["encoder_hidden_size"] = model.config.hidden_size
     return peft.PromptEncoderConfig(task_type=task, **kw)
 
-# %% ../nbs/05_models.ipynb #6b1394d8
+# %% ../nbs/05_models.ipynb #c65c08b7
 def _adapter_rows(adapter:Path, model) -> Optional[int]:
     "The vocabulary size the adapter's saved embedding tensors have, if it saved any."
     from safetensors import safe_open
@@ -281,7 +280,7 @@ def check_adapter_vocab(adapter_path, model, tok):
                             f"{'; ' + diff if diff else ''}; expected the same tokens: give the training run's embeddings_initialization_strategy "
                             "and special_tokens_settings (same order), or remove duplicate special tokens")
 
-# %% ../nbs/05_models.ipynb #79e2bb14
+# %% ../nbs/05_models.ipynb #7141116d
 def _auto_class(model_type:str):
     import transformers
     return {"causal": transformers.AutoModelForCausalLM, "seq_cls": transformers.AutoModelForSequenceClassification}[model_type]
@@ -341,7 +340,7 @@ def save_model(model, tok, out) -> Path:
     model.save_pretrained(out); tok.save_pretrained(out)
     return out
 
-# %% ../nbs/05_models.ipynb #c4229222
+# %% ../nbs/05_models.ipynb #93f8964f
 def merge_adapters_to_base(model_settings, save_path, tokenizer_settings=None, special_tokens_settings=None,
                            adapter_path=None, max_shard_size="400MB") -> Path:
     "Load base + adapter as `load_model` does, merge the adapter into the weights, save a plain transformers model to `save_path`."
@@ -356,7 +355,7 @@ def merge_adapters_to_base(model_settings, save_path, tokenizer_settings=None, s
     merged.save_pretrained(out, max_shard_size=max_shard_size); tok.save_pretrained(out)
     return out
 
-# %% ../nbs/05_models.ipynb #1a3d05e1
+# %% ../nbs/05_models.ipynb #f9e45129
 class MergeSettings(Settings):
     "Settings of `merge_adapters_to_base` as a JSON file."
     model_settings: ModelSettings
@@ -371,7 +370,7 @@ def merge_from_settings(src) -> Path:
     s = load_settings(MergeSettings, src)
     return merge_adapters_to_base(s.model_settings, s.save_path, s.tokenizer_settings, s.special_tokens_settings, s.adapter_path, s.max_shard_size)
 
-# %% ../nbs/05_models.ipynb #cb92bfb9
+# %% ../nbs/05_models.ipynb #d20ce78c
 class TokenView:
     "New tokens with init source, norm and nearest neighbours; renders as a table in a notebook."
     def __init__(self, rows:list): self.rows = rows
