@@ -5,6 +5,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+try:  # property tests: random exploration on a developer's machine, a fixed (reproducible) set of examples in CI
+    from hypothesis import settings as _hyp
+    _hyp.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI") == "true": _hyp.load_profile("ci")
+except ImportError: pass
+
 
 def _browser_required():
     # in CI (and in tests/run.sh) a missing chromium is a failure, not a skip
