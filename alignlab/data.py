@@ -7,7 +7,7 @@ __all__ = ['DATASET_TYPES', 'MESSAGE_KEYS', 'RECORD_KEYS', 'SourceSettings', 'Pr
            'DataError', 'check_record', 'read_source', 'TokenStore', 'encode_chats', 'DatasetReport', 'ChatDataset',
            'PairPreferenceDataset', 'ClassificationDataset', 'SamplingDataset', 'build_dataset']
 
-# %% ../nbs/03_data.ipynb #9483897a
+# %% ../nbs/03_data.ipynb #94eaf464
 import json, random, zlib, io, base64, html, itertools
 from collections import Counter
 from pathlib import Path
@@ -18,7 +18,7 @@ from .settings import Settings, SettingsError, did_you_mean, load_settings
 from .templates import (ChatTemplate, LLAMA3, IGNORE_INDEX, TruncationError, allowed_ends, role_of, special_edges,
                                 overlap_mask, encode, Sample)
 
-# %% ../nbs/03_data.ipynb #8c88b6cd
+# %% ../nbs/03_data.ipynb #ae6a749b
 class SourceSettings(Settings):
     "One source of records: a JSONL file or inline records, how much of it to take, and an optional system prompt."
     name: str
@@ -81,7 +81,7 @@ class DatasetSettings(Settings):
             raise ValueError("ignore_system_prompt and a source's system_prompt cannot both be set")
         return self
 
-# %% ../nbs/03_data.ipynb #dececccf
+# %% ../nbs/03_data.ipynb #af49b440
 class DataError(ValueError):
     "A bad record or source: one line naming the file, the line and the field."
 
@@ -157,7 +157,7 @@ def check_record(r, dataset_type:str, where:str) -> dict:
         if "dataset_name" in r: out["dataset_name"] = r["dataset_name"]
     return out
 
-# %% ../nbs/03_data.ipynb #fde7530e
+# %% ../nbs/03_data.ipynb #78847f45
 def read_source(src:SourceSettings, dataset_type:str="chat", seed:int=0, notes:list=None) -> list:
     "The validated, sliced (`offset`, `n_rows`) and sampled records of one source."
     if src.records_path is not None:
@@ -182,14 +182,14 @@ def read_source(src:SourceSettings, dataset_type:str="chat", seed:int=0, notes:l
     if src.num_samples is not None and src.num_samples > n and notes is not None:
         notes.append(f"source {src.name!r}: num_samples={src.num_samples} but only {n} records: took all {n}")
     if k < n: recs = [recs[i] for i in sorted(random.Random(seed).sample(range(n), k))]
-    if src.system_prompt is not None or False:
+    if src.system_prompt is not None:
         sp = {"role": "system", "content": src.system_prompt, "disable_loss": True}
         for r in recs:
             for key in ("messages", "context"):
                 if key in r: r[key] = [sp] + [m for j, m in enumerate(r[key]) if not (j == 0 and m["role"] == "system")]
     return recs
 
-# %% ../nbs/03_data.ipynb #f0f69c19
+# %% ../nbs/03_data.ipynb #63d8b022
 class TokenStore:
     "Token ids (int32) and loss mask (uint8) of many samples, stored in chunks."
     def __init__(self): self.ids, self.mask, self.starts, self.ptrs = [], [], [], []; self.n = 0
@@ -289,7 +289,7 @@ def encode_chats(tpl:ChatTemplate, tokenizer, chats:list, max_tokens_count:int=N
         store.add(ids, mask, lens)
     return store, kept, status
 
-# %% ../nbs/03_data.ipynb #34dd3118
+# %% ../nbs/03_data.ipynb #7614b09c
 class DatasetReport:
     "What a dataset build kept, cut and dropped, and what looks wrong (the mask doctor)."
     def __init__(self, name, status, lengths, n_tokens, n_loss, warnings, notes, training=True):
@@ -350,7 +350,7 @@ def _doctor(tokenizer, tpl, store, status, training, texts_start_with_bos, per_p
     if per_piece: w.append("slow tokenizer: tokenized per piece (prefix, content, suffix); ids may differ from what a fast tokenizer serves")
     return w
 
-# %% ../nbs/03_data.ipynb #20bc4375
+# %% ../nbs/03_data.ipynb #e0e13929
 class ChatDataset:
     "Tokenized samples (training or inference) with their report; `ds[i]` is a dict of numpy arrays."
     def __init__(self, records, store, kept, status, report, template, tokenizer, options):
@@ -358,8 +358,8 @@ class ChatDataset:
         self.template, self.tokenizer, self.options = template, tokenizer, options
         self.rows = np.array([i for i, s in enumerate(status) if s in ("ok", "truncated")], np.int32)
     def __len__(self): return len(self.rows)
-    def _inputs(self, i):
-        ids, m = self.store[i]
+    def _inputs(self, i, store=None):
+        ids, m = (store or self.store)[i]
         ids = ids.astype(np.int64)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": np.where(m.astype(bool), ids, IGNORE_INDEX)}
     def __getitem__(self, k):
@@ -378,9 +378,7 @@ class PairPreferenceDataset(ChatDataset):
         super().__init__(records, store_w, None, status, report, template, tokenizer, options); self.store_l = store_l
     def __getitem__(self, k):
         i = int(self.rows[k]); r = self.records[i]
-        w = self._inputs(i); ids, m = self.store_l[i]; ids = ids.astype(np.int64)
-        l = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": np.where(m.astype(bool), ids, IGNORE_INDEX)}
-        return {"id": r["id"], "inputs_w": w, "inputs_l": l, "precomputed_margin": r.get("precomputed_margin")}
+        return {"id": r["id"], "inputs_w": self._inputs(i), "inputs_l": self._inputs(i, self.store_l), "precomputed_margin": r.get("precomputed_margin")}
     def sample(self, k:int, side:str="w", **kw) -> Sample:
         r = self.records[int(self.rows[k])]
         return encode(self.template, self.tokenizer, _pair_chat(r, side), **{**self.options, **kw})
@@ -403,7 +401,7 @@ class SamplingDataset(ChatDataset):
 def _pair_chat(r, side):
     return [{**m, "disable_loss": True} for m in r["context"]] + [r["answer_" + side]]
 
-# %% ../nbs/03_data.ipynb #b7e0f1df
+# %% ../nbs/03_data.ipynb #246942f9
 def build_dataset(settings, tokenizer, inference:bool=False, name:str=None):
     "Read every source of `settings` (a `DatasetSettings`, dict or JSON path) and tokenize by its `dataset_type`."
     st = load_settings(DatasetSettings, settings)
