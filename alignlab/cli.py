@@ -32,6 +32,28 @@ def _merge(a):
     from alignlab.models import merge_from_settings
     print(f"merged model: {merge_from_settings(a.settings_path)}")
 
+_TRAIN_DATA = {"train_sft": "chat", "train_classification": "classification", "train_rm": "pair_preferences"}
+
+def _train(a):
+    from alignlab.experiment import Experiment, COMMANDS
+    from alignlab.settings import SettingsError
+    e = Experiment.from_settings(a.experiment_settings_path)
+    s = e.settings()
+    if COMMANDS[s.objective] != a.command:  # the data decides the objective; a mismatched command is a mistake, not a hint
+        raise SettingsError(f"{a.experiment_settings_path}: train_dataset_settings.dataset_type is {s.train_dataset_settings.dataset_type!r}, "
+                            f"which trains with {COMMANDS[s.objective]}; {a.command} expects "
+                            f"{_TRAIN_DATA[a.command]!r}")
+    if a.log_path: e = e.run_dir(a.log_path)
+    print(json.dumps(e.fit(resume=a.resume, progress=not a.no_progress), indent=1, default=str))
+
+def _infer(a):
+    from alignlab.inference import run_inference
+    out = run_inference(a.inference_settings_path, a.command.removeprefix("inference_"))
+    info = json.loads((out/"info.json").read_text()) if (out/"info.json").exists() else {}
+    print(json.dumps({"save_path": str(out), "outputs": info}, indent=1, default=str))
+    failed = sum(len(v.get("errors", [])) for v in info.values() if isinstance(v, dict))
+    if failed: print(f"alignlab {a.command}: {failed} record(s) failed to generate; see errors in {out/'info.json'}", file=sys.stderr)
+
 def _docs(a):
     from alignlab.docs import render_site, write_readme
     if a.readme: print(f"wrote {write_readme()}")
@@ -54,6 +76,21 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--settings_path", "--experiment_settings_path", dest="settings_path", required=True,
                    help="JSON: model_settings, adapter_path, save_path (tokenizer_settings, special_tokens_settings, max_shard_size optional)")
     m.set_defaults(func=_merge)
+    for cmd, what in (("train_sft", "supervised fine-tuning on chat data"), ("train_classification", "a sequence classifier on classification data"),
+                      ("train_rm", "a reward model on pair_preferences data")):
+        t = sub.add_parser(cmd, help=f"train {what} from the guide's experiment settings")
+        t.add_argument("--experiment_settings_path", required=True, help="the guide's train JSON")
+        t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in log_path")
+        t.add_argument("--log_path", default=None, help="override the settings' log_path (the run directory)")
+        t.add_argument("--no_progress", action="store_true")
+        t.set_defaults(func=_train)
+    for cmd, what in (("inference_chat", "generate answers (Hugging Face or vLLM) for a chat dataset"),
+                      ("inference_classification", "predicted labels and class probabilities for a classification dataset"),
+                      ("inference_rm", "reward scores for the answers of a sampling dataset")):
+        i = sub.add_parser(cmd, help=what)
+        i.add_argument("--inference_settings_path", "--experiment_settings_path", dest="inference_settings_path", required=True,
+                       help="the guide's inference JSON: inference_settings, dataset_settings, save_path")
+        i.set_defaults(func=_infer)
     d = sub.add_parser("docs", help="render the docs site (Quarto if installed, else nbconvert) or the README")
     d.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb")
     d.add_argument("--no_quarto", action="store_true", help="use the nbconvert renderer even where quarto exists")

@@ -72,8 +72,11 @@ class DatasetSettings(Settings):
     only_last_replica_loss: bool = False
     keep_end: bool = False
     random_cut: bool = False
-    seed: int = 0
+    seed: int = Field(0, alias="random_cut_seed")
     ignore_system_prompt: bool = False
+    # pair_preferences only: turbo's RM configs set `add_labels: false` (the RM needs no LM labels). alignlab's pair dataset always
+    # carries labels and the reward trainer never reads them, so the key is accepted with either value and changes nothing.
+    add_labels: bool = True
 
     @model_validator(mode="after")
     def _system(self):
@@ -89,7 +92,7 @@ MESSAGE_KEYS = {"role", "content", "disable_loss"}
 RECORD_KEYS = {"chat": {"id", "messages", "label", "meta"},
                "pair_preferences": {"id", "context", "answer_w", "answer_l", "precomputed_margin"},
                "classification": {"id", "messages", "label"},
-               "sampling": {"id", "dataset_name", "messages", "answers", "rewards"}}
+               "sampling": {"id", "dataset_name", "messages", "answers", "rewards", "label", "meta"}}
 _ROLE_NAMES = {"system": "system", "user": "user", "bot": "bot", "assistant": "bot"}
 
 def _tname(v): return type(v).__name__
@@ -134,12 +137,12 @@ def check_record(r, dataset_type:str, where:str) -> dict:
         return out
     if "messages" not in r: raise DataError(f"{where}: messages: missing field")
     out["messages"] = _messages(r["messages"], where)
-    if dataset_type == "chat":
+    if dataset_type in ("chat", "sampling"):  # inference outputs carry the chat record's label and meta through
         if "label" in r: out["label"] = r["label"]
         if r.get("meta") is not None:
             if not isinstance(r["meta"], dict): raise DataError(f"{where}: meta: expected an object, got {_tname(r['meta'])}")
             out["meta"] = r["meta"]
-    elif dataset_type == "classification":
+    if dataset_type == "classification":
         if "label" not in r: raise DataError(f"{where}: label: missing field")
         if isinstance(r["label"], bool) or not isinstance(r["label"], int): raise DataError(f"{where}: label: expected an int class index, got {_tname(r['label'])}")
         out["label"] = r["label"]
@@ -150,7 +153,7 @@ def check_record(r, dataset_type:str, where:str) -> dict:
         for i, a in enumerate(r["answers"]):
             if not isinstance(a, dict) or not isinstance(a.get("content"), str) or "id" not in a:
                 raise DataError(f"{where}: answers[{i}]: expected {{id, content}} with string content")
-            out["answers"].append({"id": str(a["id"]), "content": a["content"]})
+            out["answers"].append({**a, "id": str(a["id"])})  # sequence_score and the like stay with the answer
         if r.get("rewards") is not None:
             if not isinstance(r["rewards"], dict): raise DataError(f"{where}: rewards: expected an object")
             out["rewards"] = {str(k): _number(v, where, f"rewards.{k}") for k, v in r["rewards"].items()}

@@ -31,6 +31,14 @@ fi
 step "zoo: build the embedded default (once per ALIGNLAB_HOME)"
 alignlab zoo build
 
+step "vLLM: the CPU build in its own venv (once per machine; reused when present)"
+if [ "${ALIGNLAB_SKIP_VLLM:-0}" = 1 ]; then
+  echo "ALIGNLAB_SKIP_VLLM=1: the vLLM tests will skip"
+else
+  bash tests/vllm_venv.sh
+  export ALIGNLAB_BUILD_VLLM_VENV=1
+fi
+
 step "notebook tests (nbdev_test; cells flagged slow/gpu/notest are skipped)"
 n=$(ls nbs/*.ipynb | wc -l)
 [ "$n" -gt 0 ] || { echo "no notebooks found" >&2; exit 1; }

@@ -15,11 +15,14 @@ def run(tmp_path_factory):
 
 def test_run_directory_holds_everything(run):
     d, r = run
-    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png", "generations.html",
-              "generations.jsonl", "sample.html", "summary.json"]:
+    for f in ["final/adapter_config.json", "final/adapter_model.safetensors", "loss.png", "generations.html",
+              "generations.jsonl", "sample.html", "summary.json", "experiment.json"]:
         assert (d / f).exists(), f
     assert (d / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "LoRA SFT" in r.stderr  # the progress bar
+    assert "400/400" in r.stderr  # the trainer's progress bar
+    # the run went through the Experiment: its settings load back as the same experiment
+    from alignlab.experiment import Experiment
+    assert Experiment.from_settings(d / "experiment.json").settings().trainer_settings.max_steps == 400
 
 
 def test_training_improves_held_out_answers(run):
@@ -39,8 +42,8 @@ def test_adapter_loads_with_plain_peft_and_reproduces_the_answers(run):
     from alignlab import zoo
     d, _ = run
     base = AutoModelForCausalLM.from_pretrained(zoo.get("tiny-llama"))
-    model = PeftModel.from_pretrained(base, d / "adapter").eval()
-    tok = AutoTokenizer.from_pretrained(d / "adapter")
+    model = PeftModel.from_pretrained(base, d / "final").eval()
+    tok = AutoTokenizer.from_pretrained(d / "final")
     rows = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines()][:5]
     for r in rows:
         ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, return_tensors="pt")

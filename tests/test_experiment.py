@@ -1,0 +1,171 @@
+"""The Experiment: two doors (fluent chain, guide JSON) to one run; the CLI train commands."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+from alignlab import zoo
+from alignlab.experiment import Experiment, ExperimentSettings
+from alignlab.settings import SettingsError
+
+TPL = {"role_tag_mapping": {"bot": "assistant", "user": "user", "system": "system"},
+       "prefix_template": "<|start_header_id|>{role}<|end_header_id|>\n\n", "suffix_template": "<|eot_id|>"}
+
+
+def sft_json(run_dir):
+    chat = zoo.get("chat")
+    return {"log_path": str(run_dir), "seed": 7,
+            "model_settings": {"model_path": "tiny-llama", "model_type": "causal",
+                               "peft_settings": {"name": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                                 "target_modules": ["q_proj", "v_proj"]}},
+            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str(chat / "train.jsonl"), "num_samples": 48}],
+                                       "prompt_template": TPL, "dataset_type": "chat", "max_tokens_count": 96, "only_answer_loss": True},
+            "val_dataset_settings": {"sources": [{"name": "val", "records_path": str(chat / "val.jsonl"), "num_samples": 8}],
+                                     "prompt_template": TPL, "dataset_type": "chat", "max_tokens_count": 96},
+            "trainer_settings": {"max_steps": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                                 "learning_rate": 3e-3, "eval_strategy": "steps", "eval_steps": 4, "save_steps": 4,
+                                 "logging_steps": 1, "lr_scheduler_type": "constant"}}
+
+
+def fluent(run_dir):
+    chat = zoo.get("chat")
+    return (Experiment(run_dir=run_dir, seed=7)
+            .model("tiny-llama")
+            .chat_dataset(chat / "train.jsonl", val=chat / "val.jsonl", template=TPL, max_tokens_count=96, num_samples=48,
+                          val_num_samples=8)
+            .lora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+            .trainer(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=3e-3,
+                     eval_strategy="steps", eval_steps=4, save_steps=4, logging_steps=1, lr_scheduler_type="constant"))
+
+
+def _adapter(d):
+    from safetensors.torch import load_file
+    return load_file(str(Path(d) / "final" / "adapter_model.safetensors"))
+
+
+def test_fluent_chain_and_json_are_one_experiment(tmp_path):
+    import torch
+    torch.set_num_threads(1)
+    a = fluent(tmp_path / "a")
+    cfg = sft_json(tmp_path / "b")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    b = Experiment.from_settings(tmp_path / "cfg.json")
+    sa, sb = a.settings(), b.settings()
+    assert sa.model_copy(update={"log_path": "x"}) == sb.model_copy(update={"log_path": "x"})
+    ra, rb = a.fit(progress=False), b.fit(progress=False)
+    assert ra["final_loss"] == rb["final_loss"] and ra["steps"] == rb["steps"] == 4
+    wa, wb = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the run directory keeps the settings it ran; they load back as the same experiment
+    again = Experiment.from_settings(tmp_path / "a" / "experiment.json").settings()
+    assert again == sa
+
+
+def test_to_settings_round_trips_and_keeps_guide_keys():
+    e = fluent("runs/x").cherry_picks({"dataset_settings": {"sources": [{"name": "cp", "records_path": str(zoo.get("chat") / "test.jsonl"), "num_samples": 4}],
+                                                            "prompt_template": TPL, "dataset_type": "chat", "max_tokens_count": 96},
+                                       "metric_settings": [{"type": "length", "parameters": {"need_average": [True]}}]})
+    j = e.to_settings()
+    assert {"model_settings", "train_dataset_settings", "val_dataset_settings", "trainer_settings", "cherry_pick_settings", "log_path", "seed"} <= set(j)
+    assert Experiment.from_settings(j).to_settings() == j
+    assert json.loads(json.dumps(j)) == j  # plain JSON
+
+
+def test_settings_are_validated_when_set():
+    with pytest.raises(SettingsError, match="lora_alpha"): Experiment().lora(r=4, alpha=8)
+    with pytest.raises(SettingsError, match="num_train_epochs"): Experiment().trainer(num_train_epoch=1)
+    with pytest.raises(SettingsError, match="model_type"):
+        Experiment().model("tiny-llama", model_type="causal").classification_dataset("classification")
+    e = Experiment().model("tiny-llama").chat_dataset("chat")
+    before = e.to_settings()
+    with pytest.raises(SettingsError): e.packing(True).cherry_picks({"metric_settings": []})
+    with pytest.raises(SettingsError, match="model_settings: not set"): Experiment().chat_dataset("chat").settings()
+
+
+def test_objective_follows_the_data():
+    assert Experiment().model("tiny-llama").chat_dataset("chat").settings().objective == "sft"
+    c = Experiment().model("tiny-llama-cls").classification_dataset("classification").settings()
+    assert (c.objective, c.model_settings.model_type, c.model_settings.model_kwargs["num_labels"]) == ("classification", "seq_cls", 2)
+    r = Experiment().model("tiny-llama").preference_dataset("preferences").settings()
+    assert (r.objective, r.model_settings.model_type, r.model_settings.model_kwargs["num_labels"]) == ("rm", "seq_cls", 1)
+
+
+def test_plan_shows_model_data_and_schedule_without_training(tmp_path):
+    e = fluent(tmp_path / "run")
+    p = e.plan()
+    assert "trainable of" in p["parameters"] and p["parameters"].startswith("16,384 trainable")  # 4 layers x (q, v) x r=4 x (256 + 256)
+    assert "4 steps" in p["schedule"]
+    h = e._repr_html_()
+    assert "Experiment plan" in h and 'class="tok loss"' in h  # the sample with its loss mask
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing written
+
+
+def _cli(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "alignlab", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_trains_the_three_objectives(tmp_path):
+    cls_data, prefs = zoo.get("classification"), zoo.get("preferences")
+    base_tr = {"max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+               "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1}
+    cfgs = {
+        "train_sft": sft_json(tmp_path / "sft"),
+        "train_classification": {  # the guide's classification snippet: seq_cls, num_labels in model_kwargs, peft task SEQ_CLS
+            "log_path": str(tmp_path / "cls"),
+            "model_settings": {"model_path": "tiny-llama-cls", "model_type": "seq_cls",
+                               "model_kwargs": {"num_labels": 2, "return_dict": True, "problem_type": "single_label_classification"},
+                               "peft_settings": {"name": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str(cls_data / "train.jsonl"), "num_samples": 32}],
+                                       "prompt_template": TPL, "dataset_type": "classification", "max_tokens_count": 64},
+            "trainer_settings": {**base_tr, "loss_settings": {"alpha": "auto", "gamma": 2.0}}},
+        "train_rm": {  # the guide's RM snippet: add_labels false, pair_preferences, seq_cls with num_labels 1
+            "log_path": str(tmp_path / "rm"),
+            "model_settings": {"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1,
+                               "peft_settings": {"name": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str(prefs / "train.jsonl"), "num_samples": 32}],
+                                       "prompt_template": TPL, "add_labels": False, "dataset_type": "pair_preferences", "max_tokens_count": 96},
+            "trainer_settings": base_tr},
+    }
+    cfgs["train_sft"]["trainer_settings"] = {**base_tr}
+    for cmd, cfg in cfgs.items():
+        path = tmp_path / f"{cmd}.json"; path.write_text(json.dumps(cfg))
+        r = _cli(cmd, "--experiment_settings_path", str(path), "--no_progress")
+        assert r.returncode == 0, (cmd, r.stderr[-3000:])
+        out = Path(cfg["log_path"])
+        assert (out / "final" / "adapter_config.json").exists() and (out / "summary.json").exists(), cmd
+        s = json.loads((out / "summary.json").read_text())
+        assert s["steps"] == 3 and s["objective"] == {"train_sft": "sft", "train_classification": "classification", "train_rm": "rm"}[cmd]
+
+
+def test_cli_bad_settings_are_one_line_errors(tmp_path):
+    cfg = sft_json(tmp_path / "run")
+    cfg["trainer_settings"]["lerning_rate"] = 1e-3
+    p = tmp_path / "bad.json"; p.write_text(json.dumps(cfg))
+    r = _cli("train_sft", "--experiment_settings_path", str(p))
+    assert r.returncode == 2 and "did you mean 'learning_rate'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    good = tmp_path / "good.json"; good.write_text(json.dumps(sft_json(tmp_path / "run")))
+    r = _cli("train_rm", "--experiment_settings_path", str(good))
+    assert r.returncode == 2 and "'pair_preferences'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("train_sft", "--experiment_settings_path", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "no such settings file" in r.stderr
+
+
+def test_fit_in_jupyter_shows_a_progress_bar_and_a_live_loss_plot(tmp_path):
+    """A real Jupyter kernel (ipykernel through nbclient): the notebook progress bar and the loss plot redrawn in place."""
+    import nbformat
+    from nbclient import NotebookClient
+    cfg = sft_json(tmp_path / "run")
+    cfg["val_dataset_settings"] = None
+    cfg["trainer_settings"] = {**cfg["trainer_settings"], "eval_strategy": "no", "save_strategy": "no", "max_steps": 3}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import torch; torch.set_num_threads(1)\n"
+        "from alignlab.experiment import Experiment\n"
+        f"summary = Experiment.from_settings({str(tmp_path / 'cfg.json')!r}).fit()\n"
+        "summary['steps']")])
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outs = nb.cells[0].outputs
+    kinds = [o.get("data", {}).keys() for o in outs if o.output_type in ("display_data", "execute_result")]
+    assert any("image/png" in k for k in kinds), [o.output_type for o in outs]  # the live plot, last redraw
+    assert any("application/vnd.jupyter.widget-view+json" in k or "text/html" in k for k in kinds)  # transformers' notebook progress bar
+    assert outs[-1].output_type == "execute_result" and outs[-1]["data"]["text/plain"] == "3"

