@@ -140,10 +140,14 @@ def _source(data, name:str, sample_rate=None, num_samples=None, system_prompt=No
     if isinstance(data, (list, tuple)): return {**src, "records_data": list(data)}
     return {**src, "records_path": str(data)}
 
+def _zoo_dataset(data) -> bool:
+    from alignlab import zoo
+    return isinstance(data, str) and data in zoo.ITEMS and zoo.ITEMS[data][0] == "dataset"
+
 def _zoo_split(data, split:str):
     "`'chat'` (a zoo dataset name) means its `split`.jsonl."
     from alignlab import zoo
-    if isinstance(data, str) and data in zoo.ITEMS and zoo.ITEMS[data][0] == "data":
+    if _zoo_dataset(data):
         p = zoo.get(data)/f"{split}.jsonl"
         return p if p.exists() else None
     return data
@@ -248,7 +252,8 @@ class Experiment:
     def p_tuning(self, **kw) -> "Experiment": return self._peft("P_TUNING", kw)
 
     def _dataset(self, kind, train, val, template, **kw) -> "Experiment":
-        train, val = _zoo_split(train, "train"), (_zoo_split(train, "val") if val is None and isinstance(train, Path) else _zoo_split(val, "val"))
+        if val is None and _zoo_dataset(train): val = train  # a zoo dataset brings its validation split
+        train, val = _zoo_split(train, "train"), _zoo_split(val, "val")
         take = {k: kw.pop(k) for k in ("sample_rate", "num_samples", "system_prompt") if k in kw}
         val_take = {k: kw.pop(k) for k in ("val_num_samples",) if k in kw}
         base = {"dataset_type": kind, **({"prompt_template": _template(template)} if template is not None else {}), **kw}
@@ -268,7 +273,7 @@ class Experiment:
         return self._set(**parts)
 
     def chat_dataset(self, train="chat", val=None, template=None, **kw) -> "Experiment":
-        "Train SFT on a chat dataset (a path, inline records, a source dict or a zoo name; `val` the same); keys of the guide's `dataset_settings` as keywords."
+        "Train SFT on a chat dataset (a path, inline records, a source dict or a zoo name, which brings its val split); keys of the guide's `dataset_settings` as keywords."
         return self._dataset("chat", train, val, template, **kw)
 
     def classification_dataset(self, train="classification", val=None, template=None, **kw) -> "Experiment":

@@ -169,3 +169,18 @@ def test_fit_in_jupyter_shows_a_progress_bar_and_a_live_loss_plot(tmp_path):
     assert any("image/png" in k for k in kinds), [o.output_type for o in outs]  # the live plot, last redraw
     assert any("application/vnd.jupyter.widget-view+json" in k or "text/html" in k for k in kinds)  # transformers' notebook progress bar
     assert outs[-1].output_type == "execute_result" and outs[-1]["data"]["text/plain"] == "3"
+
+
+def test_packing_through_the_experiment(tmp_path):
+    import torch
+    torch.set_num_threads(1)
+    e = (Experiment(run_dir=tmp_path / "run").model("tiny-llama").chat_dataset("chat", max_tokens_count=128, num_samples=64, val_num_samples=8)
+         .lora(r=4).packing()
+         .trainer(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no", eval_strategy="no"))
+    p = e.plan()
+    assert p.notes[0].startswith("packing: 64 chats in ") and "of 4 rows" in p["schedule"]
+    assert p["validation"].startswith("8 samples")  # a zoo dataset brings its val split
+    s = e.fit(progress=False)
+    assert s["steps"] == 2 and any("PackedDataset: 64 samples" in n for n in s["notes"])
+    with pytest.raises(SettingsError, match="packing"):
+        Experiment().model("tiny-llama-cls").classification_dataset("classification").packing()

@@ -57,3 +57,27 @@ def test_pages_escape_and_show_the_mask(run):
     assert 'class="tok loss"' in sample and "&lt;|eot_id|&gt;" in sample and "<|eot_id|>" not in sample
     gens = (d / "generations.html").read_text()
     assert "exact match before" in gens
+
+
+def test_reward_model_from_the_sft_model_ranks_held_out_pairs(run, tmp_path):
+    """SFT -> RM, as in RLHF: the quickstart's adapter merged into the base, then a reward model (full fine-tuning, seq_cls with one
+    output) on the zoo preferences; its pair accuracy on the held-out val pairs rises well above chance.
+    (From the raw pre-trained base it does not: the <|eot_id|> states it pools are nearly identical, cosine 0.9999.)"""
+    import torch
+    from alignlab import zoo
+    from alignlab.models import merge_adapters_to_base
+    from alignlab.experiment import Experiment
+    torch.set_num_threads(1)
+    d, _ = run
+    sft = merge_adapters_to_base({"model_path": "tiny-llama"}, tmp_path / "sft", adapter_path=d / "final")
+    p = zoo.get("preferences")
+    s = (Experiment(run_dir=tmp_path / "rm", seed=0)
+         .model(str(sft), model_type="seq_cls", num_labels=1)
+         .preference_dataset(p / "train.jsonl", val=p / "val.jsonl", max_tokens_count=96)
+         .trainer(max_steps=400, per_device_train_batch_size=16, per_device_eval_batch_size=32, gradient_accumulation_steps=1,
+                  learning_rate=1e-4, warmup_steps=10, lr_scheduler_type="constant", eval_strategy="steps", eval_steps=100,
+                  save_strategy="no", logging_steps=50, disable_tqdm=True)
+         .fit(progress=False))
+    acc = [h["eval_pair_accuracy"] for h in s["eval_history"]]
+    assert acc[-1] >= 0.7 and acc[-1] > acc[0], acc
+    assert s["eval"]["eval_reward_margin"] > 0
