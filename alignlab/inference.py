@@ -15,6 +15,7 @@ from .settings import Settings, SettingsError, load_settings
 from .data import DatasetSettings, build_dataset
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
 from .generate import GenerationSettings, VLLMEngineSettings, check_vllm_settings
+from .collate import batched_logits
 
 # %% ../nbs/06a_inference.ipynb #b3569768
 class ModelInferenceSettings(Settings):
@@ -189,21 +190,7 @@ def infer_chat(st:InferenceSettings, log:OutputLog) -> list:
                 engines.pop(key, None); import gc; gc.collect()
     return out
 
-# %% ../nbs/06a_inference.ipynb #ad8fb933
-def _forward(model, items:list, pad_id:int, batch:int):
-    "Logits (float32, on CPU) of `items` (lists of ids), in order; batches of similar length."
-    import torch
-    order = sorted(range(len(items)), key=lambda k: -len(items[k]))
-    out = [None] * len(items)
-    dev = next(model.parameters()).device
-    for b in range(0, len(order), batch):
-        idx = order[b:b + batch]; L = max(len(items[k]) for k in idx)
-        x = torch.full((len(idx), L), pad_id, dtype=torch.long); m = torch.zeros_like(x)
-        for r, k in enumerate(idx): x[r, :len(items[k])] = torch.as_tensor(items[k]); m[r, :len(items[k])] = 1
-        with torch.no_grad(): lg = model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits.float().cpu()
-        for r, k in enumerate(idx): out[k] = lg[r]
-    return out
-
+# %% ../nbs/06a_inference.ipynb #d3a6bbe3
 def _seq_cls(ms:ModelInferenceSettings, where:str):
     if ms.model_settings.model_type != "seq_cls":
         raise SettingsError(f"{where}.model_settings.model_type: {ms.model_settings.model_type!r}; expected 'seq_cls' for this inference")
@@ -229,7 +216,7 @@ def infer_classification(st:InferenceSettings, log:OutputLog) -> list:
             rows = [int(k) for k in ds.rows]
             for b in range(0, len(rows), 256):  # write as we go
                 chunk = rows[b:b + 256]
-                logits = _forward(model, [ds.store[k][0].astype("int64").tolist() for k in chunk], tok.pad_token_id, ms.batch)
+                logits = batched_logits(model, [ds.store[k][0].astype("int64").tolist() for k in chunk], tok.pad_token_id, ms.batch)
                 recs = []
                 for k, lg in zip(chunk, logits):
                     r, p = ds.records[k], torch.softmax(lg, -1)
@@ -256,7 +243,7 @@ def infer_rm(st:InferenceSettings, log:OutputLog) -> list:
             for b in range(0, len(kept), 64):
                 chunk = kept[b:b + 64]
                 items = [(k, j) for k in chunk for j in ds.owners[k]]
-                logits = _forward(model, [ds.store[j][0].astype("int64").tolist() for _, j in items], tok.pad_token_id, ms.batch)
+                logits = batched_logits(model, [ds.store[j][0].astype("int64").tolist() for _, j in items], tok.pad_token_id, ms.batch)
                 score = {j: float(lg[0]) for (_, j), lg in zip(items, logits)}
                 recs = []
                 for k in chunk:

@@ -169,7 +169,6 @@ def kl_estimate(logprobs:Sequence[float], ref_logprobs:Sequence[float]) -> float
 def reward_scores(model, tokenizer, template, chats:Sequence[list], max_tokens_count:Optional[int]=None,
                   batch_size:int=8) -> list:
     "Scalar reward of each chat (messages ending with the answer as a bot message); `None` where the chat cannot fit."
-    import torch
     from alignlab.templates import encode, TruncationError
     n_labels = getattr(model.config, "num_labels", 1)
     if n_labels != 1:
@@ -181,13 +180,8 @@ def reward_scores(model, tokenizer, template, chats:Sequence[list], max_tokens_c
         try: enc.append(encode(template, tokenizer, msgs, max_tokens_count=max_tokens_count, keep_end=True,
                                only_answer_loss=False, ends_on_bot=False).input_ids)
         except TruncationError: enc.append(None)
+    from alignlab.collate import batched_logits
     ok = [i for i, e in enumerate(enc) if e is not None]
     out = [None] * len(chats)
-    dev = next(model.parameters()).device
-    for b in range(0, len(ok), batch_size):
-        idx = ok[b:b + batch_size]; L = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), L), pad, dtype=torch.long); mask = torch.zeros_like(ids)
-        for j, i in enumerate(idx): ids[j, :len(enc[i])] = torch.tensor(enc[i]); mask[j, :len(enc[i])] = 1
-        with torch.no_grad(): s = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float().cpu()
-        for j, i in enumerate(idx): out[i] = float(s[j])
+    for i, lg in zip(ok, batched_logits(model, [enc[i] for i in ok], pad, batch_size)): out[i] = float(lg[0])
     return out

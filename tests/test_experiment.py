@@ -184,3 +184,20 @@ def test_packing_through_the_experiment(tmp_path):
     assert s["steps"] == 2 and any("PackedDataset: 64 samples" in n for n in s["notes"])
     with pytest.raises(SettingsError, match="packing"):
         Experiment().model("tiny-llama-cls").classification_dataset("classification").packing()
+
+
+def test_cherry_picks_through_the_experiment_land_in_the_store(tmp_path):
+    import torch
+    from alignlab.cherry_picks import read_review_store
+    torch.set_num_threads(1)
+    cp = {"dataset_settings": {"sources": [{"name": "cp", "records_path": str(zoo.get("chat") / "test.jsonl"), "num_samples": 4}],
+                               "prompt_template": TPL, "dataset_type": "chat", "max_tokens_count": 96},
+          "metric_settings": [{"type": "length", "parameters": {"need_average": [True]}}, {"type": "accuracy"}, {"type": "perplexity"}],
+          "generator_transformers_settings": {"max_new_tokens": 8}}
+    s = fluent(tmp_path / "run").trainer(max_steps=4, eval_steps=2, save_steps=2).cherry_picks(cp).fit(progress=False)
+    recs = read_review_store(tmp_path / "run")
+    assert sorted({r["step"] for r in recs}) == [2, 4] and len(recs) == 8  # 4 prompts x 1 answer x 2 evaluations
+    assert all({"length", "accuracy", "perplexity"} <= set(r["metrics"]) for r in recs), recs[0]
+    logged = [h for h in json.loads((tmp_path / "run" / "trainer" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+              if any(k.startswith("cherry_pick/") for k in h)]
+    assert [h["step"] for h in logged] == [2, 4]
