@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--settings_path", "--experiment_settings_path", dest="settings_path", required=True,
                    help="JSON: model_settings, adapter_path, save_path (tokenizer_settings, special_tokens_settings, max_shard_size optional)")
     m.set_defaults(func=_merge)
-    for cmd, what in (("train_sft", "supervised fine-tuning on chat data"), ("train_classification", "a sequence classifier on classification data"),
+    for cmd, what in (("train_sft", "a causal LM by supervised fine-tuning (SFT) on chat data"), ("train_classification", "a sequence classifier on classification data"),
                       ("train_rm", "a reward model on pair_preferences data")):
         t = sub.add_parser(cmd, help=f"train {what} from the guide's experiment settings")
         t.add_argument("--experiment_settings_path", required=True, help="the guide's train JSON")
