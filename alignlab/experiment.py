@@ -85,10 +85,11 @@ def count_parameters(ms:ModelSettings, n_new_tokens:int=0) -> tuple:
     cfg = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in ms.model_kwargs.items() if k in ("num_labels", "problem_type")})
     with torch.device("meta"):
         model = _auto_class(ms.model_type).from_config(cfg)
-        if n_new_tokens: model.resize_token_embeddings(cfg.vocab_size + n_new_tokens)
+        new_ids = list(range(cfg.vocab_size, cfg.vocab_size + n_new_tokens))  # where load_model puts the new rows
+        if n_new_tokens: model.resize_token_embeddings(cfg.vocab_size + n_new_tokens, mean_resizing=False)
         if ms.peft_settings:
             from peft import get_peft_model
-            model = get_peft_model(model, peft_config(ms.peft_settings, model, ms.model_type, [], path))
+            model = get_peft_model(model, peft_config(ms.peft_settings, model, ms.model_type, new_ids, path))
             return tuple(model.get_nb_trainable_parameters())
         if ms.adapter_path and not ms.is_trainable:
             return 0, sum(p.numel() for p in model.parameters())
@@ -206,11 +207,11 @@ class Experiment:
         "The guide's `model_settings` (`model_type` defaults to what the dataset trains: causal for chat, seq_cls otherwise)."
         keep = {k: v for k, v in self._d.get("model_settings", {}).items() if k in ("peft_settings", "embeddings_initialization_strategy")}
         ms = {**keep, "model_path": str(model_path), **kw}
-        if model_type: self._explicit_type = model_type
-        else: self._explicit_type = None
         ms["model_type"] = model_type or self._implied_type() or "causal"
         if ms["model_type"] == "seq_cls": ms = self._labels(ms)
-        return self._model(ms)
+        self._model(ms)  # raises (and changes nothing) on bad settings
+        self._explicit_type = model_type
+        return self
 
     def _implied_type(self):
         t = self._d.get("train_dataset_settings", {}).get("dataset_type")
@@ -311,8 +312,8 @@ class Experiment:
             from alignlab.models import load_tokenizer, set_special_tokens
             tok = load_tokenizer(s.tokenizer_settings, resolve_path(s.model_settings.model_path))
             set_special_tokens(tok, s.special_tokens_settings)
-            if s.model_settings.embeddings_initialization_strategy:
-                tok.add_special_tokens({"additional_special_tokens": list(s.model_settings.embeddings_initialization_strategy)}, replace_extra_special_tokens=False)
+            new = [t for t in (s.model_settings.embeddings_initialization_strategy or {}) if t not in tok.get_vocab()]
+            if new: tok.add_tokens(new, special_tokens=True)  # as models.add_new_tokens does, so the plan tokenizes as training will
             self._cache["tok"] = tok
         return self._cache["tok"]
 

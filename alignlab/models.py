@@ -174,7 +174,9 @@ def set_special_tokens(tok, special_tokens_settings=None) -> list:
 # %% ../nbs/05_models.ipynb #6194a6db
 def _tied(model) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    return out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+    if out is None: return False
+    if out.weight is inp.weight: return True
+    return not out.weight.is_meta and out.weight.data_ptr() == inp.weight.data_ptr()  # on the meta device every data_ptr is 0
 
 def add_new_tokens(model, tok, strategy:Optional[dict]=None, known:Optional[set]=None) -> dict:
     "Add `strategy`'s tokens to `tok`, grow `model`'s embeddings, initialize every new row; returns {token: (id, source, source_ids)}."

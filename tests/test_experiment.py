@@ -201,3 +201,24 @@ def test_cherry_picks_through_the_experiment_land_in_the_store(tmp_path):
     logged = [h for h in json.loads((tmp_path / "run" / "trainer" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
               if any(k.startswith("cherry_pick/") for k in h)]
     assert [h["step"] for h in logged] == [2, 4]
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {"r": 4}), ("prefix_tuning", {"num_virtual_tokens": 8}),
+                                       ("p_tuning", {"num_virtual_tokens": 8}), ("prompt_tuning", {"num_virtual_tokens": 8}), (None, {})])
+def test_plan_counts_parameters_as_the_loaded_model_has_them(method, kw):
+    """Counted on the meta device (no weights read), with new tokens; equal to what load_model builds."""
+    from alignlab.models import load_model
+    e = (Experiment().model("tiny-llama").chat_dataset("chat", max_tokens_count=64, num_samples=8)
+         .new_tokens({"<doc_sep>": "<|eot_id|>", "<x>": "the best bot"}))
+    if method: e = getattr(e, method)(**kw)
+    m, _ = load_model(e.settings().model_settings)
+    t, n = m.get_nb_trainable_parameters() if method else (sum(p.numel() for p in m.parameters() if p.requires_grad), sum(p.numel() for p in m.parameters()))
+    assert e.plan()["parameters"].startswith(f"{t:,} trainable of {n:,}")
+
+
+def test_plan_counts_a_classifier_head():
+    from alignlab.models import load_model
+    e = Experiment().model("tiny-llama-cls").classification_dataset("classification", num_samples=8).lora(r=4)
+    m, _ = load_model(e.settings().model_settings)
+    t, n = m.get_nb_trainable_parameters()
+    assert e.plan()["parameters"].startswith(f"{t:,} trainable of {n:,}")
