@@ -200,60 +200,49 @@ def _seq_cls(ms:ModelInferenceSettings, where:str):
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
-def infer_classification(st:InferenceSettings, log:OutputLog) -> list:
-    "Predicted label and class probabilities per record, one file per model."
-    import torch
+def _score_runs(st:InferenceSettings, log:OutputLog, stem:str, verb:str, score_chunk, chunk:int, num_labels_one:bool=False) -> list:
+    "For each model: one output file; records the dataset dropped go to `errors`; the rest scored `chunk` records at a time and written as they come."
     out = []
     for i, ms in enumerate(st.inference_settings):
         where = f"inference_settings[{i}]"
         model, tok = _seq_cls(ms, where)
-        name = f"classification_m{i}.jsonl"
-        write = log.open(name, model_index=i, model_settings=_dump(ms.model_settings), tokenizer_settings=_dump(ms.tokenizer_settings))
-        errors = []
-        for ds in _datasets(st.dataset_settings, tok, inference=False):
-            kept = set(int(k) for k in ds.rows)
-            errors += [{"id": r["id"], "error": f"not classified: {ds.status[k]}"} for k, r in enumerate(ds.records) if k not in kept]
-            rows = [int(k) for k in ds.rows]
-            for b in range(0, len(rows), 256):  # write as we go
-                chunk = rows[b:b + 256]
-                logits = batched_logits(model, [ds.store[k][0].astype("int64").tolist() for k in chunk], tok.pad_token_id, ms.batch)
-                recs = []
-                for k, lg in zip(chunk, logits):
-                    r, p = ds.records[k], torch.softmax(lg, -1)
-                    recs.append({"id": r["id"], "dataset_name": ds.report.name, "messages": r["messages"], "label": r.get("label"),
-                                 "predicted_label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]})
-                write(recs)
-        write.close(errors); out.append(log.dir/name)
-    return out
-
-def infer_rm(st:InferenceSettings, log:OutputLog) -> list:
-    "A reward per answer of each sampling record, one file per model."
-    out = []
-    for i, ms in enumerate(st.inference_settings):
-        where = f"inference_settings[{i}]"
-        model, tok = _seq_cls(ms, where)
-        if model.config.num_labels != 1:
+        if num_labels_one and model.config.num_labels != 1:
             raise SettingsError(f"{where}.model_settings.num_labels: the model has {model.config.num_labels} labels; expected 1 (a reward model)")
-        name = f"rm_m{i}.jsonl"
+        name = f"{stem}_m{i}.jsonl"
         write = log.open(name, model_index=i, model_settings=_dump(ms.model_settings), tokenizer_settings=_dump(ms.tokenizer_settings))
         errors = []
         for ds in _datasets(st.dataset_settings, tok, inference=False):
             kept = [int(k) for k in ds.rows]
-            errors += [{"id": r["id"], "error": f"not scored: {ds.status[k]}"} for k, r in enumerate(ds.records) if k not in set(kept)]
-            for b in range(0, len(kept), 64):
-                chunk = kept[b:b + 64]
-                items = [(k, j) for k in chunk for j in ds.owners[k]]
-                logits = batched_logits(model, [ds.store[j][0].astype("int64").tolist() for _, j in items], tok.pad_token_id, ms.batch)
-                score = {j: float(lg[0]) for (_, j), lg in zip(items, logits)}
-                recs = []
-                for k in chunk:
-                    r = ds.records[k]
-                    rec = {"id": r["id"], "dataset_name": r.get("dataset_name", ds.report.name), "messages": r["messages"],
-                           "answers": r["answers"], "rewards": {a["id"]: score[j] for a, j in zip(r["answers"], ds.owners[k])}}
-                    recs.append(rec)
-                write(recs)
+            errors += [{"id": r["id"], "error": f"not {verb}: {ds.status[k]}"} for k, r in enumerate(ds.records) if k not in set(kept)]
+            for b in range(0, len(kept), chunk):
+                write(score_chunk(model, tok, ms, ds, kept[b:b + chunk]))
         write.close(errors); out.append(log.dir/name)
     return out
+
+def _ids(ds, j) -> list: return ds.store[j][0].astype("int64").tolist()
+
+def _classify(model, tok, ms, ds, rows) -> list:
+    import torch
+    recs = []
+    for k, lg in zip(rows, batched_logits(model, [_ids(ds, k) for k in rows], tok.pad_token_id, ms.batch)):
+        r, p = ds.records[k], torch.softmax(lg, -1)
+        recs.append({"id": r["id"], "dataset_name": ds.report.name, "messages": r["messages"], "label": r.get("label"),
+                     "predicted_label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]})
+    return recs
+
+def _reward(model, tok, ms, ds, rows) -> list:
+    js = [j for k in rows for j in ds.owners[k]]
+    score = {j: float(lg[0]) for j, lg in zip(js, batched_logits(model, [_ids(ds, j) for j in js], tok.pad_token_id, ms.batch))}
+    return [{"id": r["id"], "dataset_name": r.get("dataset_name", ds.report.name), "messages": r["messages"], "answers": r["answers"],
+             "rewards": {a["id"]: score[j] for a, j in zip(r["answers"], ds.owners[k])}} for k in rows for r in [ds.records[k]]]
+
+def infer_classification(st:InferenceSettings, log:OutputLog) -> list:
+    "Predicted label and class probabilities per record, one file per model."
+    return _score_runs(st, log, "classification", "classified", _classify, 256)
+
+def infer_rm(st:InferenceSettings, log:OutputLog) -> list:
+    "A reward per answer of each sampling record, one file per model."
+    return _score_runs(st, log, "rm", "scored", _reward, 64, num_labels_one=True)
 
 # %% ../nbs/06a_inference.ipynb #40936652
 def run_inference(settings, kind:Literal["chat", "classification", "rm"]="chat") -> Path:
