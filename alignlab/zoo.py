@@ -4,27 +4,34 @@
 
 # %% auto #0
 __all__ = ['ZOO_VERSION', 'NOUNS', 'ADJS', 'VERBS', 'PAST', 'ADVS', 'PREPS', 'SYLLABLES', 'CATEGORIES', 'LLAMA3_SPECIAL',
-           'LLAMA3_ROLES', 'CHAT_QUESTIONS', 'SYSTEM_PROMPTS', 'SHAPE_COLORS', 'ITEMS', 'home', 'zoo_dir',
-           'invented_names', 'sentence', 'llama3_text', 'corpus', 'train_tokenizer', 'pretrain', 'tiny_llama_config',
-           'build_tiny_llama', 'build_tiny_llama_cls', 'build_tiny_clip', 'chat_turn', 'build_chat',
-           'build_preferences', 'build_classification', 'draw_shape', 'build_multimodal', 'build_rag', 'get',
-           'card_markdown', 'card', 'card_pane', 'build_all']
+           'LLAMA3_ROLES', 'CHAT_QUESTIONS', 'SYSTEM_PROMPTS', 'SHAPE_COLORS', 'ITEMS', 'home', 'zoo_seed', 'zoo_dir',
+           'invented_names', 'sentence', 'llama3_text', 'fact', 'story_dialogue', 'corpus', 'train_tokenizer',
+           'fact_accuracy', 'pretrain', 'tiny_llama_config', 'build_tiny_llama', 'build_tiny_llama_cls',
+           'build_tiny_clip', 'chat_turn', 'build_chat', 'build_preferences', 'build_classification', 'draw_shape',
+           'build_multimodal', 'build_rag', 'get', 'card_markdown', 'card', 'card_pane', 'build_all']
 
 # %% ../nbs/01_zoo.ipynb #ef5db61b
 import os, json, math, random, time, shutil, sys, contextlib
 from pathlib import Path
 
 # %% ../nbs/01_zoo.ipynb #d1641a13
-ZOO_VERSION = "1"  # bump when a builder changes: each version gets a fresh folder
+ZOO_VERSION = "2"  # bump when a builder changes: each version gets a fresh folder
 
 def home() -> Path:
     "The alignlab cache directory: `$ALIGNLAB_HOME`, else `$XDG_CACHE_HOME/alignlab`, else `~/.cache/alignlab`."
     if os.environ.get("ALIGNLAB_HOME"): return Path(os.environ["ALIGNLAB_HOME"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache")/"alignlab"
 
+def zoo_seed() -> int:
+    "The seed every zoo builder uses: `$ALIGNLAB_ZOO_SEED`, else 0 (the benchmarks build other zoos with it)."
+    v = os.environ.get("ALIGNLAB_ZOO_SEED", "0")
+    try: return int(v)
+    except ValueError: raise ValueError(f"ALIGNLAB_ZOO_SEED={v!r}: expected an integer seed") from None
+
 def zoo_dir() -> Path:
-    "The folder that holds this zoo version's items."
-    return home()/f"zoo-v{ZOO_VERSION}"
+    "The folder that holds this zoo version's items (one folder per seed other than 0)."
+    s = zoo_seed()
+    return home()/(f"zoo-v{ZOO_VERSION}" + (f"-seed{s}" if s else ""))
 
 # %% ../nbs/01_zoo.ipynb #2baa922e
 NOUNS = """cat dog fox bird fish horse cow sheep goat mouse rabbit wolf bear lion tiger frog duck owl bee ant
@@ -89,23 +96,37 @@ def llama3_text(messages:list) -> str:
     return "".join(f"<|start_header_id|>{LLAMA3_ROLES.get(m['role'], m['role'])}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
                    for m in messages)
 
-def corpus(seed:int=0, n_lines:int=20000) -> list:
-    "The pre-training corpus: prose, story dialogues in the Llama-3 layout, and a few category facts."
+def fact(rng:random.Random) -> tuple:
+    "A (noun, category) pair of the corpus's facts."
+    c = rng.choice(sorted(CATEGORIES)); return rng.choice(CATEGORIES[c]), c
+
+def story_dialogue(rng:random.Random, names:list, places:list) -> str:
+    "A chat in the Llama-3 layout: a request and a story answer; half of them describe the thing asked about."
+    n, a = rng.choice(NOUNS), rng.choice(ADJS)
+    if rng.random() < 0.5:
+        # the answer names the thing asked about and its category: reading back from the answer to the question is
+        # the skill the chat task needs, and it is learned here, in pre-training
+        n, c = fact(rng)
+        q = rng.choice([f"Tell me about the {a} {n}.", f"Write a line about the {a} {n}.", f"What do you know about the {a} {n}?"])
+        answer = f"The {a} {n} is {c}. " + sentence(rng, names, places)
+    else:
+        q = rng.choice([f"Tell me about the {a} {n}.", f"Describe {rng.choice(places)}.", f"Who is {rng.choice(names)}?",
+                        f"Write a line about a {n}.", f"What did {rng.choice(names)} do?"])
+        answer = " ".join(sentence(rng, names, places) for _ in range(rng.randint(1, 2)))
+    msgs = [{"role": "user", "content": q}, {"role": "bot", "content": answer}]
+    if rng.random() < 0.3: msgs.insert(0, {"role": "system", "content": "You are a helpful storyteller."})
+    return llama3_text(msgs)
+
+def corpus(seed:int=0, n_lines:int=20000, dialogue_share:float=0.25, fact_share:float=0.25) -> list:
+    "The pre-training corpus: story dialogues in the Llama-3 layout, category facts ('The red fox is an animal.'), prose."
     rng = random.Random(seed)
     names, places = invented_names(rng, 400), invented_names(rng, 250)
     lines = []
     for _ in range(n_lines):
         r = rng.random()
-        if r < 0.25:
-            n, a = rng.choice(NOUNS), rng.choice(ADJS)
-            q = rng.choice([f"Tell me about the {a} {n}.", f"Describe {rng.choice(places)}.", f"Who is {rng.choice(names)}?",
-                            f"Write a line about a {n}.", f"What did {rng.choice(names)} do?"])
-            msgs = [{"role": "user", "content": q},
-                    {"role": "bot", "content": " ".join(sentence(rng, names, places) for _ in range(rng.randint(1, 2)))}]
-            if rng.random() < 0.3: msgs.insert(0, {"role": "system", "content": "You are a helpful storyteller."})
-            lines.append(llama3_text(msgs))
-        elif r < 0.4:
-            c = rng.choice(sorted(CATEGORIES)); lines.append(f"The {rng.choice(CATEGORIES[c])} is {c}.")
+        if r < dialogue_share: lines.append(story_dialogue(rng, names, places))
+        elif r < dialogue_share + fact_share:
+            n, c = fact(rng); lines.append(f"The {rng.choice(ADJS)} {n} is {c}." if rng.random() < 0.5 else f"The {n} is {c}.")
         else: lines.append(" ".join(sentence(rng, names, places) for _ in range(rng.randint(1, 4))))
     return lines
 
@@ -129,27 +150,54 @@ def train_tokenizer(lines:list, vocab_size:int=4096):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<|pad|>",
                                    model_max_length=512)
 
+# %% ../nbs/01_zoo.ipynb #e4b43d50
+def fact_accuracy(model, tok) -> float:
+    "Share of facts ('The {noun} is', 'The {adjective} {noun} is') where `model` scores the right category above the four others."
+    import torch
+    cats = sorted(CATEGORIES)
+    # each noun bare and with an adjective (the chat task always has one), adjectives dealt out in a fixed order
+    nouns = [(p, c) for i, (n, c) in enumerate((n, c) for c in cats for n in CATEGORIES[c]) for p in (n, f"{ADJS[i % len(ADJS)]} {n}")]
+    rows = [tok(f"The {n} is {k}.")["input_ids"] for n, _ in nouns for k in cats]
+    starts = [len(tok(f"The {n} is")["input_ids"]) for n, _ in nouns for _ in cats]
+    width = max(map(len, rows))
+    x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    was = model.training; model.eval()
+    with torch.no_grad(): lp = model(input_ids=x).logits.float().log_softmax(-1)
+    model.train(was)
+    # log-probability of each category's tokens after "The {noun} is" (right padding: the causal model never sees it)
+    score = torch.tensor([lp[i, s - 1:len(r) - 1].gather(-1, torch.tensor(r[s:])[:, None]).sum().item()
+                          for i, (r, s) in enumerate(zip(rows, starts))]).view(len(nouns), len(cats))
+    return (score.argmax(-1) == torch.tensor([cats.index(c) for _, c in nouns])).float().mean().item()
+
 # %% ../nbs/01_zoo.ipynb #36001a22
-def pretrain(model, tok, lines:list, steps:int=300, seq_len:int=64, batch:int=32, lr:float=2e-3, seed:int=0, log=None):
-    "Next-token pre-training of `model` on `lines`, packed into `seq_len` blocks; returns the loss per step."
+def pretrain(model, tok, lines:list, max_steps:int=1500, seq_len:int=64, batch:int=32, lr:float=2e-3, warmup:int=30,
+             every:int=50, target:float=0.95, anneal:int=60, seed:int=0, log=None) -> dict:
+    "Next-token pre-training on `lines` packed into `seq_len` blocks until `fact_accuracy` holds `target` (two checks), then an anneal."
     import torch
     ids = tok(lines)["input_ids"]
     flat = torch.tensor([i for x in ids for i in x + [tok.eos_token_id]])
     data = flat[: len(flat) // seq_len * seq_len].view(-1, seq_len)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train(); losses = []
-    for s in range(steps):
+    stop = None  # the step the anneal starts at
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) if stop is None else max(0, 1 - (s - stop) / anneal))
+    model.train(); losses, probes, s = [], [], 0
+    while stop is None or s < stop + anneal:
         x = data[torch.randint(0, len(data), (batch,), generator=g)]
         loss = model(input_ids=x, labels=x).loss
         loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step(); s += 1; sched.step(); opt.zero_grad()
         losses.append(loss.item())
-        if log and (s % 50 == 0 or s == steps - 1): log(f"pre-training step {s + 1}/{steps}: loss {loss.item():.3f}")
+        if stop is None and (s % every == 0 or s >= max_steps):
+            probes.append((s, round(fact_accuracy(model, tok), 3)))
+            if log: log(f"pre-training step {s}: loss {loss.item():.3f}, fact accuracy {probes[-1][1]:.3f}")
+            # two checks in a row at the target: one lucky check right at the jump is not knowing the facts
+            if (len(probes) > 1 and min(probes[-1][1], probes[-2][1]) >= target) or s >= max_steps: stop = s
     model.eval()
-    return losses
+    acc = fact_accuracy(model, tok)
+    if log and acc < target: log(f"pre-training: fact accuracy {acc:.3f} after {s} steps is below {target}: fine-tuning on facts will be slow")
+    return dict(losses=losses, probes=probes, steps=s, facts_acquired_at=stop if probes[-1][1] >= target else None,
+                fact_accuracy=round(acc, 3))
 
 # %% ../nbs/01_zoo.ipynb #413209b6
 def tiny_llama_config(tok, **kw):
@@ -162,8 +210,8 @@ def tiny_llama_config(tok, **kw):
                                  pad_token_id=tok.pad_token_id), **kw})
 
 # %% ../nbs/01_zoo.ipynb #ec2d0930
-def build_tiny_llama(out:Path, steps:int=300, seed:int=0, log=print):
-    "Train the tokenizer, pre-train the tiny Llama, save both (and the Llama-3 chat template) to `out`."
+def build_tiny_llama(out:Path, max_steps:int=1500, seed:int=0, log=print):
+    "Train the tokenizer, pre-train the tiny Llama until it knows the facts, save both (and the Llama-3 chat template) to `out`."
     import torch
     from transformers import LlamaForCausalLM, GenerationConfig
     torch.manual_seed(seed)
@@ -175,13 +223,14 @@ def build_tiny_llama(out:Path, steps:int=300, seed:int=0, log=print):
     model = LlamaForCausalLM(cfg)
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
     t = time.time()
-    losses = pretrain(model, tok, lines, steps=steps, seed=seed, log=log)
+    r = pretrain(model, tok, lines, max_steps=max_steps, seed=seed, log=log)
     model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                                pad_token_id=cfg.pad_token_id, max_new_tokens=64, do_sample=False)
     model.save_pretrained(out); tok.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    return dict(parameters=n, vocab_size=len(tok), corpus_lines=len(lines), steps=steps,
-                first_loss=round(losses[0], 3), last_loss=round(sum(losses[-20:]) / 20, 3), pretrain_seconds=round(time.time() - t, 1))
+    return dict(parameters=n, vocab_size=len(tok), corpus_lines=len(lines), steps=r["steps"], facts_acquired_at=r["facts_acquired_at"],
+                fact_accuracy=r["fact_accuracy"], fact_accuracy_history=r["probes"], first_loss=round(r["losses"][0], 3),
+                last_loss=round(sum(r["losses"][-20:]) / 20, 3), pretrain_seconds=round(time.time() - t, 1))
 
 # %% ../nbs/01_zoo.ipynb #2753fca6
 def build_tiny_llama_cls(out:Path, num_labels:int=2, seed:int=0, log=print):
@@ -323,7 +372,7 @@ def build_rag(out:Path, n_people:int=80, seed:int=0, log=print):
 
 # %% ../nbs/01_zoo.ipynb #5da15d9d
 ITEMS = {
-    "tiny-llama": ("model", build_tiny_llama, "Llama-architecture causal LM (~4M parameters) and byte-level BPE tokenizer with Llama-3 chat tokens, pre-trained briefly on a synthetic corpus"),
+    "tiny-llama": ("model", build_tiny_llama, "Llama-architecture causal LM (~4M parameters) and byte-level BPE tokenizer with Llama-3 chat tokens, pre-trained on a synthetic corpus until it knows its category facts"),
     "tiny-llama-cls": ("model", build_tiny_llama_cls, "tiny-llama backbone with a 2-label sequence-classification head"),
     "tiny-clip": ("model", build_tiny_clip, "tiny CLIP (vision + text towers) and its CLIPImageProcessor, randomly initialized"),
     "chat": ("dataset", build_chat, "chat records: category questions in single- and multi-turn dialogues, with a held-out test split"),
@@ -356,8 +405,8 @@ def get(name:str, rebuild:bool=False, log=_log) -> Path:
         shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
         log(f"building {name} (once) into {out}")
         t = time.time()
-        facts = builder(tmp, log=log)
-        card = dict(name=name, kind=kind, description=what, zoo_version=ZOO_VERSION, seed=0,
+        facts = builder(tmp, seed=zoo_seed(), log=log)
+        card = dict(name=name, kind=kind, description=what, zoo_version=ZOO_VERSION, seed=zoo_seed(),
                     build_seconds=round(time.time() - t, 1), **facts)
         (tmp/"card.json").write_text(json.dumps(card, indent=1))
         (tmp/"README.md").write_text(card_markdown(card))

@@ -8,7 +8,7 @@ def test_zoo_card_served_by_panel_renders_in_chromium(serve_app, page, tmp_path,
     page.goto(url)
     heading = page.get_by_role("heading", name="tiny-llama")
     expect(heading).to_be_visible(timeout=30000)
-    expect(page.get_by_text("pre-trained briefly on a synthetic corpus")).to_be_visible()
+    expect(page.get_by_text("pre-trained on a synthetic corpus until it knows its category facts")).to_be_visible()
     shot = tmp_path / "card.png"
     page.screenshot(path=str(shot))
     from PIL import Image

@@ -29,7 +29,10 @@ def test_training_improves_held_out_answers(run):
     d, _ = run
     s = json.loads((d / "summary.json").read_text())
     assert s["exact_match_after"] > s["exact_match_before"]
-    assert s["exact_match_after"] >= 0.5, s  # visibly: most held-out questions answered right
+    # 60 held-out prompts (one = 0.017); 1.00 in every cell of bench/bench_robustness.py (seeds x kernel sets), 0.88 the lowest
+    # seen while fixing issue 10, so 0.8 (the bench's target) leaves a margin and still fails a model that does not know the facts
+    # (zoo v1 on this CPU: 0.367)
+    assert s["exact_match_after"] >= 0.8, s
     assert s["last_loss"] < s["first_loss"] / 3
     rows = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == s["n_test"] and sum(r["correct_after"] for r in rows) / len(rows) == s["exact_match_after"]
@@ -64,20 +67,12 @@ def test_reward_model_from_the_sft_model_ranks_held_out_pairs(run, tmp_path):
     output) on the zoo preferences; its pair accuracy on the held-out val pairs rises well above chance.
     (From the raw pre-trained base it does not: the <|eot_id|> states it pools are nearly identical, cosine 0.9999.)"""
     import torch
-    from alignlab import zoo
-    from alignlab.models import merge_adapters_to_base
-    from alignlab.experiment import Experiment
+    from alignlab.quickstart import reward_model
     torch.set_num_threads(1)
     d, _ = run
-    sft = merge_adapters_to_base({"model_path": "tiny-llama"}, tmp_path / "sft", adapter_path=d / "final")
-    p = zoo.get("preferences")
-    s = (Experiment(run_dir=tmp_path / "rm", seed=0)
-         .model(str(sft), model_type="seq_cls", num_labels=1)
-         .preference_dataset(p / "train.jsonl", val=p / "val.jsonl", max_tokens_count=96)
-         .trainer(max_steps=400, per_device_train_batch_size=16, per_device_eval_batch_size=32, gradient_accumulation_steps=1,
-                  learning_rate=1e-4, warmup_steps=10, lr_scheduler_type="constant", eval_strategy="steps", eval_steps=100,
-                  save_strategy="no", logging_steps=50, disable_tqdm=True)
-         .fit(progress=False))
+    s = reward_model(tmp_path, d / "final")
     acc = [h["eval_pair_accuracy"] for h in s["eval_history"]]
-    assert acc[-1] >= 0.7 and acc[-1] > acc[0], acc
+    # 100 held-out pairs (one pair = 0.01); issue 10's bench target is >= 0.75 in every cell; on an SFT model that knows the
+    # facts it is 0.83-1.0 from the first evaluation on (bench/bench_robustness.py), so every evaluation is held to it
+    assert min(acc) >= 0.75, acc
     assert s["eval"]["eval_reward_margin"] > 0

@@ -69,8 +69,9 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
     st = chat_settings(zoo.get("chat") / "test.jsonl")
     st["sources"][0] = {**st["sources"][0], "sample_rate": None, "num_samples": 6}
     greedy = {"transformers_settings": {"max_new_tokens": 16}}
-    # several stop strings: a word of the greedy answers, a second one, and a special token
-    stops = {"transformers_settings": {"max_new_tokens": 16, "stop_strings": ["are", " the", "<|eot_id|>"]},
+    # several stop strings: a word of the greedy answers (the base answers "The <adjective> <noun> is ..."), a second one, and a
+    # special token
+    stops = {"transformers_settings": {"max_new_tokens": 16, "stop_strings": ["are", " is", "<|eot_id|>"]},
              "custom_settings": {"skip_special_tokens": False}}
     entry = lambda adapter: {"model_settings": {"model_path": str(tiny_llama), **({"adapter_path": str(lora_adapter)} if adapter else {})},
                              "generation_settings": [greedy, stops],

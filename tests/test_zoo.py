@@ -60,7 +60,7 @@ def test_corpus_tokenizer_and_pretraining_are_deterministic():
         torch.manual_seed(0)
         from transformers import LlamaForCausalLM
         m = LlamaForCausalLM(zoo.tiny_llama_config(t1, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
-        zoo.pretrain(m, t1, a, steps=3, batch=4, seed=0)
+        zoo.pretrain(m, t1, a, max_steps=3, anneal=2, batch=4, seed=0)
         states.append(m.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
