@@ -11,7 +11,7 @@ __all__ = ['ZOO_VERSION', 'NOUNS', 'ADJS', 'VERBS', 'PAST', 'ADVS', 'PREPS', 'SY
            'build_multimodal', 'build_rag', 'get', 'card_markdown', 'card', 'card_pane', 'build_all']
 
 # %% ../nbs/01_zoo.ipynb #ef5db61b
-import os, json, math, random, time, shutil, sys, contextlib
+import os, json, random, time, shutil, sys, contextlib
 from pathlib import Path
 
 # %% ../nbs/01_zoo.ipynb #d1641a13

@@ -94,7 +94,7 @@ def main():
     todo = [] if a.table else [(k, z, t) for z, t in pairs for k in kernels if (k, z, t, a.threads) not in have]
     root = Path(a.root or tempfile.mkdtemp(prefix="alignlab-robust-"))
     def go(job):
-        r = run_cell(*job[:1], *job[1:], a.threads, not a.no_rm, root)
+        r = run_cell(*job, a.threads, not a.no_rm, root)
         with open(out, "a") as f: f.write(json.dumps(r) + "\n")
         print(json.dumps(r), file=sys.stderr, flush=True)
         return r
