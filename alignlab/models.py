@@ -12,9 +12,9 @@ __all__ = ['log', 'TaskType', 'PeftSettings', 'PEFT_NAMES', 'SPECIAL_KINDS', 'Tr
 # %% ../nbs/05_models.ipynb #19be0a02
 import json, logging
 from pathlib import Path
-from typing import Literal, Optional, Union, Annotated
+from typing import Annotated, ClassVar, Literal, Optional, Union
 from pydantic import Field, model_validator
-from .settings import Settings, SettingsError, load_settings
+from .settings import MirrorSettings, Settings, SettingsError, load_settings
 
 # %% ../nbs/05_models.ipynb #17c4a201
 log = logging.getLogger("alignlab.models")
@@ -44,38 +44,55 @@ class SpecialTokensSettings(Settings):
 # %% ../nbs/05_models.ipynb #d4df947f
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
 
-class LoraSettings(Settings):
-    "LoRA: low-rank updates of the `target_modules`."
-    name: Literal["LORA"]
+# PEFT config fields alignlab fills in itself; every other field of the PEFT config is a setting
+_PEFT_SET_BY_ALIGNLAB = {
+    "peft_type": "set from name; drop the key", "auto_mapping": "set by PEFT; drop the key",
+    "peft_version": "set by PEFT when the adapter is saved; drop the key",
+    "base_model_name_or_path": "set from model_settings.model_path; drop the key",
+    "revision": "alignlab loads local checkpoints only; drop the key",
+    "inference_mode": "set by alignlab (trainable for training, frozen for inference); drop the key"}
+
+class _PeftSettings(MirrorSettings):
+    "What every `peft_settings` kind shares: the `name` tag, `task_type` from `model_type` when left out."
+    own: ClassVar[frozenset] = frozenset({"name", "task_type"})
+    refused: ClassVar[dict] = _PEFT_SET_BY_ALIGNLAB
     task_type: Optional[TaskType] = None
+
+class LoraSettings(_PeftSettings):
+    "LoRA: low-rank updates of the `target_modules`; any other `peft.LoraConfig` field (`use_dora`, `use_rslora`, ...) too."
+    mirror_of: ClassVar = "peft.LoraConfig"
+    refused: ClassVar[dict] = {**_PEFT_SET_BY_ALIGNLAB, "trainable_token_indices":
+                               "set by alignlab for the rows of new special tokens (special_tokens_settings); drop the key"}
+    name: Literal["LORA"]
     r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
 
-class _VirtualTokenSettings(Settings):
+class _VirtualTokenSettings(_PeftSettings):
     "What the prompt-learning methods share: a number of virtual tokens."
-    task_type: Optional[TaskType] = None
     num_virtual_tokens: int = 32
 
 class PrefixTuningSettings(_VirtualTokenSettings):
-    "Prefix tuning: trained key/value prefixes in every layer (optionally through a projection MLP)."
+    "Prefix tuning: trained key/value prefixes in every layer (optionally through a projection MLP); any `peft.PrefixTuningConfig` field."
+    mirror_of: ClassVar = "peft.PrefixTuningConfig"
     name: Literal["PREFIX_TUNING"]
     prefix_projection: bool = False
-    encoder_hidden_size: Optional[int] = None
 
 class PromptTuningSettings(_VirtualTokenSettings):
-    "Prompt tuning: trained virtual-token embeddings, random or initialized from a text."
+    "Prompt tuning: trained virtual-token embeddings, random or initialized from a text; any `peft.PromptTuningConfig` field."
+    mirror_of: ClassVar = "peft.PromptTuningConfig"
+    refused: ClassVar[dict] = {**_PEFT_SET_BY_ALIGNLAB, **{k: "set by alignlab: TEXT with the experiment's tokenizer when prompt_tuning_init_text "
+                               "is given, RANDOM otherwise; drop the key" for k in ("prompt_tuning_init", "tokenizer_name_or_path", "tokenizer_kwargs")}}
     name: Literal["PROMPT_TUNING"]
     prompt_tuning_init_text: Optional[str] = None
 
 class PTuningSettings(_VirtualTokenSettings):
-    "P-tuning: virtual-token embeddings produced by a small MLP or LSTM prompt encoder."
+    "P-tuning: virtual-token embeddings produced by a small MLP or LSTM prompt encoder; any `peft.PromptEncoderConfig` field."
+    mirror_of: ClassVar = "peft.PromptEncoderConfig"
     name: Literal["P_TUNING"]
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
-    encoder_hidden_size: Optional[int] = None
 
 PeftSettings = Annotated[Union[LoraSettings, PrefixTuningSettings, PromptTuningSettings, PTuningSettings], Field(discriminator="name")]
 PEFT_NAMES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
@@ -235,21 +252,21 @@ def peft_config(ps, model, model_type:str="causal", new_ids:Optional[list]=None,
     task = ps.task_type or {"causal": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[model_type]
     emb = [_module_name(model, model.get_input_embeddings())]
     if not _tied(model) and model.get_output_embeddings() is not None: emb.append(_module_name(model, model.get_output_embeddings()))
-    kw = ps.model_dump(exclude={"name", "task_type"})
+    kw = ps.config_kwargs()  # every PEFT field given, use_dora etc. included
     if ps.name == "LORA":
         _check_targets(model, ps.target_modules)
-        if new_ids and not set(emb) & set(ps.modules_to_save or []): kw["trainable_token_indices"] = {e: list(new_ids) for e in emb}
+        if new_ids and not set(emb) & set(kw.get("modules_to_save") or []): kw["trainable_token_indices"] = {e: list(new_ids) for e in emb}
         return peft.LoraConfig(task_type=task, **kw)
     if new_ids and ps.name == "PREFIX_TUNING": kw["modules_to_save"] = emb
     elif new_ids and emb[1:]: kw["modules_to_save"] = emb[1:]  # prompt/P-tuning embed inputs with the frozen original (see above)
     if ps.name == "PREFIX_TUNING":
-        if kw["encoder_hidden_size"] is None: kw["encoder_hidden_size"] = model.config.hidden_size
+        if kw.get("encoder_hidden_size") is None: kw["encoder_hidden_size"] = model.config.hidden_size
         return peft.PrefixTuningConfig(task_type=task, **kw)
     if ps.name == "PROMPT_TUNING":
         text = kw.pop("prompt_tuning_init_text")
         if text: kw.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=str(tokenizer_path))
         return peft.PromptTuningConfig(task_type=task, **kw)
-    if kw["encoder_hidden_size"] is None: kw["encoder_hidden_size"] = model.config.hidden_size
+    if kw.get("encoder_hidden_size") is None: kw["encoder_hidden_size"] = model.config.hidden_size
     return peft.PromptEncoderConfig(task_type=task, **kw)
 
 # %% ../nbs/05_models.ipynb #c65c08b7

@@ -33,7 +33,7 @@ def exact_match(preds:list, golds:list) -> float:
 # %% ../nbs/11_quickstart.ipynb #76f59662
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-def experiment(run_dir, steps:int=400, batch_size:int=16, lr:float=5e-3, r:int=16, max_tokens_count:int=256, seed:int=0):
+def experiment(run_dir, steps:int=400, batch_size:int=16, lr:float=2e-3, r:int=16, max_tokens_count:int=256, seed:int=0):
     "The quickstart's `Experiment` (not fitted yet)."
     from alignlab.experiment import Experiment
     data = zoo.get("chat")
@@ -62,7 +62,7 @@ def generations_html(rows:list, summary:dict) -> str:
             f"<table><tr><th>prompt</th><th>gold</th><th>before</th><th>after</th></tr>{body}</table></body></html>")
 
 # %% ../nbs/11_quickstart.ipynb #98ae486d
-def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=5e-3, r:int=16, max_tokens_count:int=256,
+def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=2e-3, r:int=16, max_tokens_count:int=256,
                seed:int=0, progress:bool=True, log=print) -> dict:
     "Run the quickstart job; returns the summary (also written to `run_dir/summary.json`)."
     t0 = time.time()
@@ -109,7 +109,7 @@ def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=5e-3, r:
 
 # %% ../nbs/11_quickstart.ipynb #9566d848
 def reward_model(run_dir, adapter, steps:int=400, batch_size:int=16, lr:float=1e-4, eval_steps:int=100, seed:int=0,
-                 progress:bool=False) -> dict:
+                 schedule:str="cosine", progress:bool=False) -> dict:
     "Merge the SFT `adapter` into `tiny-llama`, train a reward model from it on the zoo's `preferences`; returns the fit summary."
     from alignlab.models import merge_adapters_to_base
     from alignlab.experiment import Experiment
@@ -120,6 +120,6 @@ def reward_model(run_dir, adapter, steps:int=400, batch_size:int=16, lr:float=1e
             .model(str(sft), model_type="seq_cls", num_labels=1)
             .preference_dataset(p/"train.jsonl", val=p/"val.jsonl", max_tokens_count=96)
             .trainer(max_steps=steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=32,
-                     gradient_accumulation_steps=1, learning_rate=lr, warmup_steps=10, lr_scheduler_type="constant",
+                     gradient_accumulation_steps=1, learning_rate=lr, warmup_steps=10, lr_scheduler_type=schedule,
                      eval_strategy="steps", eval_steps=eval_steps, save_strategy="no", logging_steps=50, disable_tqdm=not progress)
             .fit(progress=progress))

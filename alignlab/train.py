@@ -12,10 +12,10 @@ __all__ = ['RENAMED', 'NOT_SUPPORTED', 'OBJECTIVES', 'MARKER', 'training_argumen
 # %% ../nbs/08_train.ipynb #d2eda453
 import dataclasses, functools, json, math, os, shutil, typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 import numpy as np
-from pydantic import Field, TypeAdapter, ValidationError, ConfigDict, model_validator, field_validator
-from .settings import Settings, SettingsError, did_you_mean, load_settings
+from pydantic import Field, ConfigDict, model_validator, field_validator
+from .settings import MirrorSettings, Settings, SettingsError, check_config_value, config_fields, did_you_mean, load_settings
 from .templates import IGNORE_INDEX
 
 # %% ../nbs/08_train.ipynb #755702a8
@@ -24,30 +24,14 @@ NOT_SUPPORTED = {"include_tokens_per_second": "removed in transformers 5 (throug
                  "sequence_parallel": "turbo-alignment's sequence parallelism is not supported; drop the key",
                  "output_dir": "set by alignlab (run_dir/trainer); drop the key"}
 
-@functools.lru_cache(None)
 def training_argument_fields() -> dict:
     "name -> type hint of every `TrainingArguments` field of the installed transformers."
     from transformers import TrainingArguments
-    hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
-
-@functools.lru_cache(None)
-def _adapter(name):
-    try: return TypeAdapter(training_argument_fields()[name], config=ConfigDict(arbitrary_types_allowed=True))
-    except Exception: return None  # a type pydantic cannot check: TrainingArguments checks it
-
-def _check_value(name, value):
-    ad = _adapter(name)
-    if ad is None: return value
-    try: return ad.validate_python(value)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SettingsError(f"{name}: {err['msg']} (got {value!r})") from None
+    return config_fields(TrainingArguments)
 
 # %% ../nbs/08_train.ipynb #387a06c7
-class TrainerSettings(Settings):
+class TrainerSettings(MirrorSettings):
     "The guide's `trainer_settings`: any Hugging Face `TrainingArguments` field (checked by name and type), alignlab defaults."
-    model_config = ConfigDict(extra="allow", validate_assignment=True, populate_by_name=True, protected_namespaces=())
     eval_strategy: str = "steps"
     save_strategy: str = "steps"
     eval_steps: Optional[Union[int, float]] = 150
@@ -66,26 +50,15 @@ class TrainerSettings(Settings):
     load_best_model_at_end: bool = False
     remove_unused_columns: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data:Any):
-        if not isinstance(data, dict): return data
-        fields, out = training_argument_fields(), {}
-        for k, v in data.items():
-            if k in NOT_SUPPORTED: raise SettingsError(f"{k}: {NOT_SUPPORTED[k]}")
-            if k in RENAMED:
-                if RENAMED[k] in data: raise SettingsError(f"{k}: given together with {RENAMED[k]}, its new name; keep one")
-                if k == "warmup_ratio" and not (isinstance(v, (int, float)) and 0 <= v < 1):
-                    raise SettingsError(f"warmup_ratio: expected a number in [0, 1), got {v!r}")
-                k = RENAMED[k]
-            if k in cls.model_fields or k in cls._extra_fields(): out[k] = v; continue
-            if k not in fields: raise SettingsError(f"{k}: unknown key in {cls.__name__} (not a TrainingArguments field of transformers "
-                                                    f"{_tf_version()}); {did_you_mean(k, set(fields) | set(RENAMED))}")
-            out[k] = _check_value(k, v)
-        return out
+    mirror_of: ClassVar = "transformers.TrainingArguments"
+    refused: ClassVar[dict] = NOT_SUPPORTED
+    renamed: ClassVar[dict] = RENAMED
 
     @classmethod
-    def _extra_fields(cls) -> set: return set()  # non-TrainingArguments fields of subclasses (loss_settings)
+    def _rename(cls, k, v, data):
+        if k == "warmup_ratio" and not (isinstance(v, (int, float)) and 0 <= v < 1):
+            raise SettingsError(f"warmup_ratio: expected a number in [0, 1), got {v!r}")
+        return super()._rename(k, v, data)  # transformers 5 reads a warmup_steps in [0, 1) as a ratio
 
     @model_validator(mode="after")
     def _cross_check(self):
@@ -101,8 +74,7 @@ class TrainerSettings(Settings):
 
     def hf_kwargs(self) -> dict:
         "The `TrainingArguments` keyword arguments these settings give."
-        kw = {k: v for k, v in self.model_dump().items() if k not in self._extra_fields()}
-        return kw
+        return self.config_kwargs()
 
     def to_training_arguments(self, output_dir, _check_only=False, **overrides):
         "Hugging Face `TrainingArguments` with `output_dir` and `overrides` (checked by name like the settings)."
@@ -110,7 +82,7 @@ class TrainerSettings(Settings):
         kw = self.hf_kwargs()
         for k, v in overrides.items():
             if k not in training_argument_fields(): raise SettingsError(f"{k}: not a TrainingArguments field; {did_you_mean(k, training_argument_fields())}")
-            kw[k] = _check_value(k, v)
+            kw[k] = check_config_value(self.mirror(), k, v)
         if _check_only:
             kw.pop("deepspeed", None)
             # the check may set up accelerate's (singleton) device state: the same way make_trainer will
@@ -126,10 +98,6 @@ class TrainerSettings(Settings):
                                     "expected the deepspeed package and a GPU (pip install deepspeed), or no deepspeed key") from None
             raise
 
-def _tf_version():
-    import transformers
-    return transformers.__version__
-
 def _has_accelerator() -> bool:
     import torch
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
@@ -143,8 +111,7 @@ class ClassificationLossSettings(Settings):
 class ClassificationTrainerSettings(TrainerSettings):
     "`trainer_settings` of `train_classification`: TrainingArguments fields plus `loss_settings`."
     loss_settings: ClassificationLossSettings = ClassificationLossSettings()
-    @classmethod
-    def _extra_fields(cls) -> set: return {"loss_settings"}
+    own: ClassVar[frozenset] = frozenset({"loss_settings"})
 
 OBJECTIVES = ("sft", "classification", "rm")
 

@@ -198,3 +198,17 @@ def test_finish_answer_drops_padding(tok):
     assert a["answer_token_ids"] == ids and a["content"] == "It is a thing."
     b = finish_answer(tok, [0], ids + [4, 5, 5], eos, [], skip_special_tokens=False)
     assert b["answer_token_ids"] == ids + [4] and b["content"] == "It is a thing."
+
+
+def test_min_p_reaches_generate(model, tok, prompts):
+    """Any GenerationConfig field reaches generate. min_p=1 keeps only the tokens as likely as the most likely one, so even hot
+    sampling gives the greedy answer; the same hot sampling without min_p does not (the negative control)."""
+    greedy = generate(model, tok, prompts[:8], {"max_new_tokens": 8}, {"batch": 8})
+    hot = {"max_new_tokens": 8, "do_sample": True, "temperature": 3.0, "top_k": 0}
+    torch.manual_seed(0)
+    pinned = generate(model, tok, prompts[:8], {**hot, "min_p": 1.0}, {"batch": 8})
+    torch.manual_seed(0)
+    free = generate(model, tok, prompts[:8], hot, {"batch": 8})
+    ids = lambda out: [a[0]["answer_token_ids"] for a in out]
+    assert ids(pinned) == ids(greedy)
+    assert ids(free) != ids(greedy)

@@ -166,6 +166,17 @@ def test_seq_cls_peft(name, tmp_path):
     assert (logits(plain, batch) - ref).abs().max().item() <= 1e-6
 
 
+def test_lora_config_fields_reach_peft():
+    """Any LoraConfig field is a setting: use_dora adds DoRA's magnitude vectors (none without it), use_rslora reaches the config."""
+    ps = {"name": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    dora, _ = load_model({"model_path": "tiny-llama", "peft_settings": {**ps, "use_dora": True, "use_rslora": True}})
+    plain, _ = load_model({"model_path": "tiny-llama", "peft_settings": ps})
+    mags = lambda m: [n for n, _ in m.named_parameters() if "lora_magnitude_vector" in n]
+    assert mags(dora) and not mags(plain)
+    assert dora.peft_config["default"].use_dora and dora.peft_config["default"].use_rslora
+    assert not plain.peft_config["default"].use_dora
+
+
 def test_prompt_tuning_init_text():
     model, tok = load_model({"model_path": "tiny-llama", "peft_settings": {"name": "PROMPT_TUNING", "num_virtual_tokens": 4,
                                                                            "prompt_tuning_init_text": "the best bot ever"}})

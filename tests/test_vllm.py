@@ -2,7 +2,8 @@
 
 The reference answers are computed in this (main) venv; one vLLM engine (with LoRA enabled) runs in the vLLM venv through a
 subprocess and serves the base model (no LoRARequest) and the adapter. Checks: greedy parity token for token, with and
-without a LoRA adapter, and several stop strings.
+without a LoRA adapter, several stop strings, and sampling
+pinned to greedy by `min_p` (an extra GenerationConfig field reaching both backends).
 
 Run as a script (`python tests/test_vllm.py job.json out.json`) it is the child that runs inside the vLLM venv.
 """
@@ -73,14 +74,18 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
     # special token
     stops = {"transformers_settings": {"max_new_tokens": 16, "stop_strings": ["are", " is", "<|eot_id|>"]},
              "custom_settings": {"skip_special_tokens": False}}
+    # hot sampling pinned to the most likely token by min_p=1 (a GenerationConfig field beyond the declared ones, mapped to
+    # SamplingParams.min_p): both backends must give the greedy answers
+    pinned = {"transformers_settings": {"max_new_tokens": 16, "do_sample": True, "temperature": 2.0, "top_k": 0, "min_p": 1.0}}
     entry = lambda adapter: {"model_settings": {"model_path": str(tiny_llama), **({"adapter_path": str(lora_adapter)} if adapter else {})},
-                             "generation_settings": [greedy, stops],
+                             "generation_settings": [greedy, stops, pinned],
                              "vllm_engine_settings": {"max_model_len": 256, "max_num_seqs": 8, "enforce_eager": True}}
     cfg = {"inference_settings": [entry(False), entry(True)], "dataset_settings": st, "save_path": str(tmp_path / "hf")}
     hf = run_inference(cfg, "chat")
     rows = lambda d, n: {r["id"]: r for r in map(json.loads, (d / n).read_text().splitlines())}
-    ref = {n: rows(hf, n) for n in ("chat_m0_g0.jsonl", "chat_m0_g1.jsonl", "chat_m1_g0.jsonl", "chat_m1_g1.jsonl")}
+    ref = {f"chat_m{m}_g{g}.jsonl": rows(hf, f"chat_m{m}_g{g}.jsonl") for m in (0, 1) for g in (0, 1, 2)}
     first = lambda n: {k: r["answers"][0]["answer_token_ids"] for k, r in ref[n].items()}
+    assert first("chat_m0_g2.jsonl") == first("chat_m0_g0.jsonl") and first("chat_m1_g2.jsonl") == first("chat_m1_g0.jsonl")
     assert first("chat_m1_g0.jsonl") != first("chat_m0_g0.jsonl"), "the adapter changes nothing"
     assert any(len(first("chat_m0_g1.jsonl")[k]) < len(v) for k, v in first("chat_m0_g0.jsonl").items()), "no stop string was hit"
     vcfg = {**cfg, "inference_settings": [{**e, "use_vllm": True} for e in cfg["inference_settings"]], "save_path": str(tmp_path / "vllm")}
