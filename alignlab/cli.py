@@ -32,19 +32,17 @@ def _merge(a):
     from alignlab.models import merge_from_settings
     print(f"merged model: {merge_from_settings(a.settings_path)}")
 
-_TRAIN_DATA = {"train_sft": "chat", "train_classification": "classification", "train_rm": "pair_preferences"}
-
 def _train(a):
-    from alignlab.experiment import Experiment, COMMANDS
-    from alignlab.settings import SettingsError
-    e = Experiment.from_settings(a.experiment_settings_path)
-    s = e.settings()
-    if COMMANDS[s.objective] != a.command:  # the data decides the objective; a mismatched command is a mistake, not a hint
+    from alignlab.recipes import recipe
+    from alignlab.run import ExperimentSettings, train
+    from alignlab.settings import SettingsError, load_settings
+    s = load_settings(ExperimentSettings, a.experiment_settings_path)
+    want = recipe(command=a.command)
+    if s.recipe is not want:  # the data decides the objective; a mismatched command is a mistake, not a hint
         raise SettingsError(f"{a.experiment_settings_path}: train_dataset_settings.dataset_type is {s.train_dataset_settings.dataset_type!r}, "
-                            f"which trains with {COMMANDS[s.objective]}; {a.command} expects "
-                            f"{_TRAIN_DATA[a.command]!r}")
-    if a.log_path: e = e.run_dir(a.log_path)
-    print(json.dumps(e.fit(resume=a.resume, progress=not a.no_progress), indent=1, default=str))
+                            f"which trains with {s.recipe.command}; {a.command} expects {want.dataset_type!r}")
+    if a.log_path: s = load_settings(ExperimentSettings, {**s.to_json(), "log_path": a.log_path})
+    print(json.dumps(train(s, resume=a.resume, progress=not a.no_progress), indent=1, default=str))
 
 def _infer(a):
     from alignlab.inference import run_inference
@@ -76,18 +74,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--settings_path", "--experiment_settings_path", dest="settings_path", required=True,
                    help="JSON: model_settings, adapter_path, save_path (tokenizer_settings, special_tokens_settings, max_shard_size optional)")
     m.set_defaults(func=_merge)
-    for cmd, what in (("train_sft", "a causal LM by supervised fine-tuning (SFT) on chat data"), ("train_classification", "a sequence classifier on classification data"),
-                      ("train_rm", "a reward model on pair_preferences data")):
-        t = sub.add_parser(cmd, help=f"train {what} from the guide's experiment settings")
+    from alignlab.recipes import RECIPES  # the table is plain data: importing it loads no model code
+    for r in RECIPES:
+        t = sub.add_parser(r.command, help=f"train {r.what} from the guide's experiment settings")
         t.add_argument("--experiment_settings_path", required=True, help="the guide's train JSON")
         t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in log_path")
         t.add_argument("--log_path", default=None, help="override the settings' log_path (the run directory)")
         t.add_argument("--no_progress", action="store_true")
         t.set_defaults(func=_train)
-    for cmd, what in (("inference_chat", "generate answers (Hugging Face or vLLM) for a chat dataset"),
-                      ("inference_classification", "predicted labels and class probabilities for a classification dataset"),
-                      ("inference_rm", "reward scores for the answers of a sampling dataset")):
-        i = sub.add_parser(cmd, help=what)
+    for r in RECIPES:
+        if not r.inference: continue
+        i = sub.add_parser(f"inference_{r.inference}", help=r.inference_what)
         i.add_argument("--inference_settings_path", "--experiment_settings_path", dest="inference_settings_path", required=True,
                        help="the guide's inference JSON: inference_settings, dataset_settings, save_path")
         i.set_defaults(func=_infer)

@@ -69,11 +69,12 @@ def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=2e-3, r:
     run_dir = Path(run_dir or Path("runs")/time.strftime("quickstart-%Y%m%d-%H%M%S"))
     from alignlab.data import build_dataset
     from alignlab.models import load_model
+    from alignlab.run import train
     exp = experiment(run_dir, steps, batch_size, lr, r, max_tokens_count, seed)
     s = exp.settings()
     log(repr(exp.plan()))
-    train_ds, _ = exp._datasets(s, exp._tokenizer(s))
     base, tok = load_model(s.model_settings.model_copy(update={"peft_settings": None}), s.tokenizer_settings)
+    train_ds = build_dataset(s.train_dataset_settings, tok, name="train")
     test_ds = build_dataset(chat_settings(zoo.get("chat")/"test.jsonl", max_tokens_count), tok, inference=True)
     test = [test_ds.records[i] for i in test_ds.rows]
     golds = [rec["messages"][-1]["content"] for rec in test]
@@ -81,8 +82,10 @@ def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=2e-3, r:
     log(f"held-out prompts: {len(test)}; generating before training...")
     before = generate_answers(base, tok, prompts)
     del base
-    fit = exp.fit(progress=progress, overwrite=True)
-    after = generate_answers(exp.model_, tok, prompts)
+    fit = train(s, progress=progress, overwrite=True)
+    # served as a user serves it: the base with the adapter train wrote (the weights it trained, read back)
+    tuned, _ = load_model(s.model_settings.model_copy(update={"peft_settings": None, "adapter_path": fit["final_dir"]}), s.tokenizer_settings)
+    after = generate_answers(tuned, tok, prompts)
     run_dir.mkdir(parents=True, exist_ok=True)
     shown = max(range(min(50, len(train_ds))), key=lambda i: len(train_ds[i]["input_ids"]))  # a multi-turn one, if there is one
     (run_dir/"sample.html").write_text(
@@ -93,12 +96,11 @@ def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=2e-3, r:
                  correct_before=b.strip() == g, correct_after=a.strip() == g) for rec, g, b, a in zip(test, golds, before, after)]
     with open(run_dir/"generations.jsonl", "w") as f:
         for row in rows: f.write(json.dumps(row) + "\n")
-    losses = [h["loss"] for h in exp.trainer.state.log_history if "loss" in h]
     summary = dict(exact_match_before=exact_match(before, golds), exact_match_after=exact_match(after, golds), n_test=len(test),
                    n_train_chats=len(train_ds), train_dropped=train_ds.report.n_dropped, train_truncated=train_ds.report.truncated,
                    test_dropped=test_ds.report.n_dropped, steps=fit["steps"], batch_size=batch_size, lr=lr, lora_r=r,
-                   trainable_parameters=sum(p.numel() for p in exp.model_.parameters() if p.requires_grad),
-                   first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), train_seconds=fit["train_seconds"],
+                   trainable_parameters=fit["trainable_parameters"], first_loss=round(fit["train_loss_first"], 4),
+                   last_loss=round(fit["train_loss_last"], 4), train_seconds=fit["train_seconds"],
                    total_seconds=round(time.time() - t0, 1), model=str(zoo.get("tiny-llama")), data=str(zoo.get("chat")),
                    adapter=fit["final_dir"], checkpoints=fit["checkpoints"], run_dir=str(run_dir))
     (run_dir/"generations.html").write_text(generations_html(rows, summary))

@@ -6,7 +6,7 @@ Each (model, mode) runs in a fresh subprocess, modes interleaved, the fastest of
 pre-tokenized samples (the zoo's chat data, Llama-3 template, only_answer_loss): TRL gets a `datasets.Dataset` with the same
 `input_ids` and `labels`, which it uses as they are (checked). Same LoRA config, lr, batch, steps, seed, torch threads,
 gradient accumulation; TRL's CPU-unfriendly defaults (bf16, gradient checkpointing) are set to alignlab's values (checked
-from both trainers' args). alignlab trains through `alignlab.train.make_trainer("sft", ..., packing=max_tokens)` (a plain
+from both trainers' args). alignlab trains through `alignlab.run.make_trainer("sft", ..., packing=max_tokens)` (a plain
 `transformers.Trainer` with `alignlab.collate.Collator` if that module is missing). A packed batch has `round(batch *
 mean padded width / max_tokens)` rows, about the token slots of a padded batch. The time is wall clock from the end of
 the last warm-up step to the end of the last step (data loading, collation, forward, backward, optimizer). tokens = every
@@ -113,8 +113,8 @@ def child(a):
             bs, width = packed_rows_per_batch(a, samples)
             extra = dict(fill=train_ds.fill, rows_per_batch=bs, max_tokens=a.max_tokens, padded_width=width)
         try:
-            from alignlab.train import make_trainer  # the train helper, once it exists
-            extra["trainer"] = "alignlab.train.make_trainer"
+            from alignlab.run import make_trainer
+            extra["trainer"] = "alignlab.run.make_trainer"
             settings = {k: v for k, v in common_args(a, out, steps).items() if k != "output_dir"}
             settings["per_device_train_batch_size"] = bs
             tr = make_trainer("sft", model, tok, ds if len(samples) == len(ds) else samples, None, settings, out,

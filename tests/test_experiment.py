@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from alignlab import zoo
-from alignlab.experiment import Experiment, ExperimentSettings
+from alignlab.experiment import Experiment
+from alignlab.run import ExperimentSettings
 from alignlab.settings import SettingsError
 
 TPL = {"role_tag_mapping": {"bot": "assistant", "user": "user", "system": "system"},

@@ -8,8 +8,9 @@ import torch
 
 from alignlab.settings import SettingsError, load_settings
 from alignlab.train import (TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, training_argument_fields,
-                            classification_metrics, roc_auc, reward_metrics, focal_loss, class_weights, make_trainer, fit,
+                            classification_metrics, roc_auc, reward_metrics, focal_loss, class_weights, fit,
                             check_run_dir, RunDirError, last_checkpoint, checkpoints, MARKER)
+from alignlab.run import make_trainer
 
 torch.set_num_threads(1)
 QUICK = dict(per_device_train_batch_size=8, per_device_eval_batch_size=32, gradient_accumulation_steps=1, eval_steps=20,

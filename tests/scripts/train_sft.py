@@ -22,7 +22,8 @@ from transformers import TrainerCallback
 from alignlab import zoo
 from alignlab.data import build_dataset
 from alignlab.models import load_model
-from alignlab.train import make_trainer, fit
+from alignlab.run import make_trainer
+from alignlab.train import fit
 
 class Progress(TrainerCallback):
     "Tell the parent test which step has finished (a plain file, replaced atomically)."
