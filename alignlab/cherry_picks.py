@@ -20,6 +20,7 @@ from .data import DatasetSettings, PromptTemplateSettings, build_dataset
 from .generate import TransformersGenerationSettings, CustomGenerationSettings, generate
 from .models import TokenizerSettings
 from . import metrics as M
+from .collate import answer_logprobs
 
 # %% ../nbs/08a_cherry_picks.ipynb #2c48f7fa
 log = logging.getLogger(__name__)
@@ -170,8 +171,8 @@ def _mean(values):
 
 def _ref_logprobs(policy, ref, prompts, answers, pad_id, batch):
     "Per-token log-probs of the answers under `ref`; `ref=None` with a PEFT policy means the base model (adapter disabled)."
-    if ref is not None: return M.answer_logprobs(ref, prompts, answers, pad_id, batch)
-    with policy.disable_adapter(): return M.answer_logprobs(policy, prompts, answers, pad_id, batch)
+    if ref is not None: return answer_logprobs(ref, prompts, answers, pad_id, batch)
+    with policy.disable_adapter(): return answer_logprobs(policy, prompts, answers, pad_id, batch)
 
 def compute_metrics(metric_settings:list, prompts:list, answers:list, labels:list, tokenizer, *, model=None, chats:list=None,
                     ref_models:dict=None, reward:dict=None, batch_size:int=8) -> tuple:
@@ -223,7 +224,7 @@ def compute_metrics(metric_settings:list, prompts:list, answers:list, labels:lis
             pr = [prompts[i] for i, _ in flat]
             rl = _ref_logprobs(model, refm, pr, ids, pad, batch_size)
             pol = [answers[i][j].get("sequence_score") for i, j in flat]
-            if any(s is None for s in pol): pol = [float(np.sum(x)) for x in M.answer_logprobs(model, pr, ids, pad, batch_size)]
+            if any(s is None for s in pol): pol = [float(np.sum(x)) for x in answer_logprobs(model, pr, ids, pad, batch_size)]
             put(name, [(s - float(np.sum(r))) / len(x) if len(x) else None for s, r, x in zip(pol, rl, ids)], m)
         elif t == "reward":
             if not reward: raise ValueError("reward: no reward model: give the callback reward_model, or parameters.model_settings")

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SAMPLING_ONLY', 'VLLM_SAME', 'VLLM_MAX_TEMPERATURE', 'TransformersGenerationSettings', 'CustomGenerationSettings',
-           'GenerationSettings', 'check_stop_strings', 'check_prompt', 'finish_answer', 'sequence_scores', 'generate',
-           'prompt_ids', 'generate_records', 'VLLMEngineSettings', 'import_vllm', 'check_vllm_settings',
-           'sampling_params', 'VLLMGenerator']
+           'GenerationSettings', 'check_stop_strings', 'check_prompt', 'finish_answer', 'generate', 'prompt_ids',
+           'generate_records', 'VLLMEngineSettings', 'import_vllm', 'check_vllm_settings', 'sampling_params',
+           'VLLMGenerator']
 
 # %% ../nbs/06_generate.ipynb #ad8d064a
 import math, time
@@ -139,34 +139,6 @@ def finish_answer(tokenizer, prompt:list, gen:list, eos:set, stops:list, skip_sp
     if not remove_prompt: text = tokenizer.decode(prompt, skip_special_tokens=skip_special_tokens) + text
     return {"content": text, "answer_token_ids": ids}
 
-# %% ../nbs/06_generate.ipynb #ab8041d4
-def sequence_scores(model, prompts:list, answers:list, pad_id:int, budget:int=2**26) -> list:
-    "Sum of log-probs of each `answers[i]` after `prompts[i]` under `model`."
-    import torch
-    out = [0.0] * len(prompts)
-    todo = [i for i in range(len(prompts)) if len(answers[i])]
-    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 32000
-    dev = next(model.parameters()).device
-    step = max(1, budget // max(1, max((len(answers[j]) for j in todo), default=1) * V))
-    i = 0
-    while i < len(todo):
-        chunk = todo[i:i + step]
-        A = max(len(answers[j]) for j in chunk)
-        L = max(len(prompts[j]) + len(answers[j]) for j in chunk)
-        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long); mask = torch.zeros_like(ids)
-        for r, j in enumerate(chunk):  # prompt then answer, right-aligned so the answer ends every row
-            seq = list(prompts[j]) + list(answers[j])
-            ids[r, L - len(seq):] = torch.tensor(seq); mask[r, L - len(seq):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=A + 1).logits
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)  # position t predicts token t+1
-        tgt = ids[:, L - A:].to(dev)
-        tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        for r, j in enumerate(chunk): out[j] = float(tok_lp[r, A - len(answers[j]):].sum())
-        i += len(chunk)
-    return out
-
 # %% ../nbs/06_generate.ipynb #6f4461a3
 def _gen_config(model, tokenizer, ts:TransformersGenerationSettings):
     from transformers import GenerationConfig
@@ -183,6 +155,7 @@ def _batches(prompts:list, batch:int):
 def generate(model, tokenizer, prompts:list, transformers_settings=None, custom_settings=None, ids:list=None) -> list:
     "Per prompt (a list of token ids), a list of answers `{id, content, answer_token_ids, sequence_score}`; batched, left padded."
     import torch
+    from alignlab.collate import answer_logprobs, pad_batch
     ts = load_settings(TransformersGenerationSettings, transformers_settings or {})
     cs = load_settings(CustomGenerationSettings, custom_settings or {})
     stops = check_stop_strings(tokenizer, ts.stops)
@@ -195,17 +168,15 @@ def generate(model, tokenizer, prompts:list, transformers_settings=None, custom_
     out = [None] * len(prompts)
     try:
         for idx in _batches(prompts, cs.batch):
-            seqs = [list(map(int, prompts[i])) for i in idx]
-            L = max(map(len, seqs))
-            x = torch.tensor([[pad] * (L - len(s)) + s for s in seqs], device=dev)
-            m = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            x, m = pad_batch([list(map(int, prompts[i])) for i in idx], pad, side="left")
+            L = x.shape[1]
             with torch.no_grad():
-                g = model.generate(input_ids=x, attention_mask=m, generation_config=cfg, tokenizer=tokenizer if stops else None)
+                g = model.generate(input_ids=x.to(dev), attention_mask=m.to(dev), generation_config=cfg, tokenizer=tokenizer if stops else None)
             g = g[:, L:].tolist()
             k = ts.num_return_sequences
             rows = [(i, j, finish_answer(tokenizer, prompts[i], g[r * k + j], eos, stops, cs.skip_special_tokens, cs.remove_prompt, pad))
                     for r, i in enumerate(idx) for j in range(k)]
-            scores = sequence_scores(model, [prompts[i] for i, _, _ in rows], [a["answer_token_ids"] for _, _, a in rows], pad)
+            scores = answer_logprobs(model, [prompts[i] for i, _, _ in rows], [a["answer_token_ids"] for _, _, a in rows], pad, reduce="sum")
             for r, i in enumerate(idx): out[i] = [None] * k
             for (i, j, a), s in zip(rows, scores):
                 out[i][j] = {"id": f"{ids[i]}-{j}" if ids is not None else str(j), **a, "sequence_score": s}

@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['wordpunct', 'ngrams', 'strip_pad', 'answer_length', 'dist_n', 'token_entropy', 'sentence_bleu', 'self_bleu',
-           'exact_match', 'rouge_n', 'lcs_length', 'rouge_l', 'rouge', 'answer_logprobs', 'perplexity', 'kl_estimate',
-           'reward_scores']
+           'exact_match', 'rouge_n', 'lcs_length', 'rouge_l', 'rouge', 'perplexity', 'kl_estimate', 'reward_scores']
 
 # %% ../nbs/07_metrics.ipynb #2a2d354f
 import math, re
@@ -135,27 +134,6 @@ def rouge(reference:str, prediction:str, ns:Sequence[int]=(1, 2), with_l:bool=Tr
     return out
 
 # %% ../nbs/07_metrics.ipynb #b71bee6c
-def answer_logprobs(model, prompts:Sequence[Sequence[int]], answers:Sequence[Sequence[int]], pad_id:int=0,
-                    batch_size:int=8) -> list:
-    "Per answer, a float array of log p(answer token | prompt, earlier answer tokens) under `model`."
-    import torch
-    if len(prompts) != len(answers): raise ValueError(f"answer_logprobs: {len(prompts)} prompts but {len(answers)} answers")
-    dev = next(model.parameters()).device
-    out = []
-    for b in range(0, len(prompts), batch_size):
-        ps, ans = prompts[b:b + batch_size], answers[b:b + batch_size]
-        seqs = [list(p) + list(a) for p, a in zip(ps, ans)]
-        L = max(map(len, seqs))
-        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long); mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs): ids[j, :len(s)] = torch.tensor(s); mask[j, :len(s)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
-        for j, (p, a) in enumerate(zip(ps, ans)):
-            if not len(p): raise ValueError("answer_logprobs: an empty prompt has no position to predict the first answer token from")
-            out.append(lp[j, len(p) - 1:len(p) - 1 + len(a)].numpy().astype(np.float64))
-    return out
-
 def perplexity(logprobs:Sequence[float]) -> float:
     "exp of the mean cross-entropy over an answer's tokens (nan for an empty answer)."
     return float(np.exp(-np.mean(logprobs))) if len(logprobs) else float("nan")

@@ -9,8 +9,8 @@ __all__ = ['RECIPES', 'Recipe', 'recipe']
 from dataclasses import dataclass
 from typing import Callable, Optional
 from .settings import SettingsError, did_you_mean, load_settings
-from .train import (TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, ClassificationCollator,
-                            PairCollator, _sft_collator, classification_metrics, reward_metrics, class_weights)
+from .train import (TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, classification_metrics,
+                            reward_metrics, class_weights)
 
 # %% ../nbs/09_recipes.ipynb #ddd6ff55
 @dataclass(frozen=True)
@@ -49,6 +49,19 @@ class Recipe:
         return f"{lo} output{'s' if lo > 1 else ''}" if lo == hi else f">= {lo} labels"
 
 # %% ../nbs/09_recipes.ipynb #01a5ba50
+# the collators live in alignlab.collate, which imports torch: imported when a trainer is built, so reading the table stays light
+def _sft_collator(pad_id:int, packing=False):
+    from alignlab.collate import Collator
+    return Collator(pad_id, packing=bool(packing))
+
+def _classification_collator(pad_id:int, packing=False):
+    from alignlab.collate import ClassificationCollator
+    return ClassificationCollator(pad_id)
+
+def _pair_collator(pad_id:int, packing=False):
+    from alignlab.collate import PairCollator
+    return PairCollator(pad_id)
+
 def _sft_prepare(model, train_dataset, ts, packing=False, loss_settings=None):
     if not packing: return train_dataset, {}, []
     from alignlab.collate import PackedDataset
@@ -77,17 +90,17 @@ def _classification_prepare(model, train_dataset, ts, packing=False, loss_settin
 # %% ../nbs/09_recipes.ipynb #80b65386
 RECIPES = (
     Recipe("sft", "chat", "ChatDataset", "causal", "a causal LM by supervised fine-tuning (SFT) on chat data", "AlignTrainer",
-           collator=lambda pad_id, packing: _sft_collator(pad_id, bool(packing)), prepare=_sft_prepare,
+           collator=_sft_collator, prepare=_sft_prepare,
            inference="chat", inference_dataset_type="chat",
            inference_what="generate answers (Hugging Face or vLLM) for a chat dataset", packs=True, cherry_picks=True),
     Recipe("classification", "classification", "ClassificationDataset", "seq_cls", "a sequence classifier on classification data",
-           "ClassificationTrainer", collator=lambda pad_id, packing: ClassificationCollator(pad_id),
+           "ClassificationTrainer", collator=_classification_collator,
            trainer_settings=ClassificationTrainerSettings, prepare=_classification_prepare,
            metrics=lambda p: classification_metrics(p.predictions, p.label_ids), num_labels=(2, None),
            inference="classification", inference_dataset_type="classification",
            inference_what="predicted labels and class probabilities for a classification dataset", has_loss_settings=True),
     Recipe("rm", "pair_preferences", "PairPreferenceDataset", "seq_cls", "a reward model on pair_preferences data", "RewardTrainer",
-           collator=lambda pad_id, packing: PairCollator(pad_id), metrics=lambda p: reward_metrics(p.predictions), num_labels=(1, 1),
+           collator=_pair_collator, metrics=lambda p: reward_metrics(p.predictions), num_labels=(1, 1),
            inference="rm", inference_dataset_type="sampling", inference_what="reward scores for the answers of a sampling dataset"),
 )
 

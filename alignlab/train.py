@@ -5,9 +5,8 @@
 # %% auto #0
 __all__ = ['RENAMED', 'NOT_SUPPORTED', 'MARKER', 'training_argument_fields', 'TrainerSettings', 'ClassificationLossSettings',
            'ClassificationTrainerSettings', 'class_weights', 'focal_loss', 'roc_auc', 'classification_metrics',
-           'pair_loss', 'reward_metrics', 'ClassificationCollator', 'PairCollator', 'mark_complete', 'is_complete',
-           'checkpoints', 'last_checkpoint', 'rotate_checkpoints', 'RunDirError', 'check_run_dir', 'trainer_classes',
-           'fit']
+           'pair_loss', 'reward_metrics', 'mark_complete', 'is_complete', 'checkpoints', 'last_checkpoint',
+           'rotate_checkpoints', 'RunDirError', 'check_run_dir', 'trainer_classes', 'fit']
 
 # %% ../nbs/08_train.ipynb #d2eda453
 import dataclasses, functools, json, math, os, shutil, typing
@@ -176,42 +175,6 @@ def reward_metrics(rewards) -> dict:
     w, l = r[:, 0], r[:, 1]
     return dict(pair_accuracy=float((w > l).mean()), reward_chosen=float(w.mean()), reward_rejected=float(l.mean()),
                 reward_margin=float((w - l).mean()))
-
-# %% ../nbs/08_train.ipynb #1ecfee8e
-def _pad(seqs, value, n=None):
-    import torch
-    n = n or max(len(s) for s in seqs)
-    out = torch.full((len(seqs), n), value, dtype=torch.long)
-    for i, s in enumerate(seqs): out[i, :len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
-    return out
-
-def _sft_collator(pad_id:int, packing:bool=False):
-    try: from alignlab.collate import Collator
-    except ImportError: Collator = None
-    if Collator is not None: return Collator(pad_id, packing=packing)
-    if packing: raise SettingsError("packing: needs alignlab.collate (not installed in this version)")
-    def collate(items):
-        return {"input_ids": _pad([x["input_ids"] for x in items], pad_id), "attention_mask": _pad([x["attention_mask"] for x in items], 0),
-                "labels": _pad([x["labels"] for x in items], IGNORE_INDEX)}
-    return collate
-
-class ClassificationCollator:
-    "Right-padded `input_ids`/`attention_mask` and an int `labels` tensor."
-    def __init__(self, pad_id:int): self.pad_id = pad_id
-    def __call__(self, items):
-        import torch
-        return {"input_ids": _pad([x["input_ids"] for x in items], self.pad_id), "attention_mask": _pad([x["attention_mask"] for x in items], 0),
-                "labels": torch.tensor([int(x["labels"]) for x in items], dtype=torch.long)}
-
-class PairCollator:
-    "Chosen rows then rejected rows in one padded batch, and a per-pair `margin` (0 where a record has none)."
-    def __init__(self, pad_id:int): self.pad_id = pad_id
-    def __call__(self, items):
-        import torch
-        sides = [x["inputs_w"] for x in items] + [x["inputs_l"] for x in items]
-        m = [x.get("precomputed_margin") for x in items]
-        return {"input_ids": _pad([s["input_ids"] for s in sides], self.pad_id), "attention_mask": _pad([s["attention_mask"] for s in sides], 0),
-                "margin": torch.tensor([float(v) if v is not None else 0.0 for v in m]) if any(v is not None for v in m) else None}
 
 # %% ../nbs/08_train.ipynb #01928fe6
 MARKER = "alignlab_checkpoint.json"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from alignlab.collate import (pad_collate, left_pad, pack, fill_ratio, PackedDataset, Collator, packed_collate,
+from alignlab.collate import (pad_collate, pad_batch, pack, fill_ratio, PackedDataset, Collator, packed_collate,
                               block_causal_mask, per_sample_loss)
 from alignlab.templates import IGNORE_INDEX
 
@@ -37,8 +37,8 @@ def test_pad_collate_pads_to_multiple_with_ignored_labels(multiple, width):
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
-def test_left_pad():
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+def test_pad_batch_left():
+    ids, mask = pad_batch([[1, 2, 3], [4]], pad_id=0, side="left")
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 

@@ -8,7 +8,8 @@ torch.set_num_threads(1)
 from alignlab import zoo
 from alignlab.data import build_dataset
 from alignlab.generate import (generate, generate_records, prompt_ids, GenerationSettings, check_stop_strings,
-                               sequence_scores, finish_answer)
+                               finish_answer)
+from alignlab.collate import answer_logprobs
 from alignlab.settings import SettingsError, load_settings
 from alignlab.quickstart import chat_settings
 
@@ -113,7 +114,7 @@ def test_sequence_score_matches_forward(model, tok, prompts):
     ref = sum(float(lp[n - 1 + t, x]) for t, x in enumerate(a["answer_token_ids"]))
     assert abs(a["sequence_score"] - ref) < 1e-3
     # the chunked scorer gives the same numbers with a tiny memory budget (one row at a time)
-    s = sequence_scores(model, [prompts[0], prompts[1]], [a["answer_token_ids"], [262, 301]], tok.pad_token_id, budget=1)
+    s = answer_logprobs(model, [prompts[0], prompts[1]], [a["answer_token_ids"], [262, 301]], tok.pad_token_id, budget=1, reduce="sum")
     assert abs(s[0] - ref) < 1e-3
 
 

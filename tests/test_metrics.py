@@ -4,6 +4,7 @@ import numpy as np
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 from alignlab import metrics as M
+from alignlab.collate import answer_logprobs
 from alignlab.templates import LLAMA3
 
 
@@ -130,17 +131,17 @@ def test_perplexity_matches_hf_loss_and_batching(lm, tok):
     prompts = [_chat_prompt(tok, q) for q in qs]
     answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|eot_id|>")]
                for a in ("It is a thing.", "Hello! How are you?", "It is a person.")]
-    lps = M.answer_logprobs(lm, prompts, answers, pad_id=tok.pad_token_id, batch_size=3)
+    lps = answer_logprobs(lm, prompts, answers, pad_id=tok.pad_token_id, batch_size=3)
     for p, a, lp in zip(prompts, answers, lps):
         assert len(lp) == len(a)
-        single = M.answer_logprobs(lm, [p], [a], pad_id=tok.pad_token_id)[0]
+        single = answer_logprobs(lm, [p], [a], pad_id=tok.pad_token_id)[0]
         np.testing.assert_allclose(lp, single, atol=1e-4)
         ids = torch.tensor([p + a]); labels = ids.clone(); labels[0, :len(p)] = -100
         with torch.no_grad(): loss = lm(input_ids=ids, labels=labels).loss.item()
         assert math.log(M.perplexity(lp)) == pytest.approx(loss, rel=1e-4)
     # a trained-on answer ("It is a thing." is what the zoo's chat data answers) is far less perplexing than noise
     noise = [tok("zebra quantum lamp seventeen", add_special_tokens=False)["input_ids"]]
-    assert M.perplexity(M.answer_logprobs(lm, prompts[:1], noise, tok.pad_token_id)[0]) > M.perplexity(lps[0])
+    assert M.perplexity(answer_logprobs(lm, prompts[:1], noise, tok.pad_token_id)[0]) > M.perplexity(lps[0])
 
 
 def test_kl_estimate_against_a_changed_model(lm, tok, tiny_llama):
@@ -148,9 +149,9 @@ def test_kl_estimate_against_a_changed_model(lm, tok, tiny_llama):
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     with torch.no_grad(): ref.lm_head.weight.mul_(0.5)  # a flatter reference distribution
     p = [_chat_prompt(tok, "Hi")]; a = [tok("Hello there", add_special_tokens=False)["input_ids"]]
-    pol, r = M.answer_logprobs(lm, p, a, tok.pad_token_id)[0], M.answer_logprobs(ref, p, a, tok.pad_token_id)[0]
+    pol, r = answer_logprobs(lm, p, a, tok.pad_token_id)[0], answer_logprobs(ref, p, a, tok.pad_token_id)[0]
     assert M.kl_estimate(pol, r) == pytest.approx(float(np.mean(pol - r)))
-    assert M.kl_estimate(pol, M.answer_logprobs(lm, p, a, tok.pad_token_id)[0]) == 0.0
+    assert M.kl_estimate(pol, answer_logprobs(lm, p, a, tok.pad_token_id)[0]) == 0.0
     assert abs(M.kl_estimate(pol, r)) > 1e-3
 
 

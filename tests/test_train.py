@@ -248,7 +248,7 @@ def test_rm_pair_accuracy_rises(tmp_path):
 def test_rm_precomputed_margin_enters_the_loss(tmp_path):
     from alignlab.models import load_model
     from alignlab.data import build_dataset
-    from alignlab.train import PairCollator
+    from alignlab.collate import PairCollator
     torch.manual_seed(0)
     model, tok = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1})
     rec = {"id": "a", "context": [{"role": "user", "content": "Hi"}], "answer_w": {"role": "bot", "content": "Hello."},
