@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['wordpunct', 'ngrams', 'strip_pad', 'answer_length', 'dist_n', 'token_entropy', 'sentence_bleu', 'self_bleu',
-           'exact_match', 'rouge_n', 'lcs_length', 'rouge_l', 'rouge', 'perplexity', 'kl_estimate', 'reward_scores']
+           'exact_match', 'rouge_n', 'lcs_length', 'rouge_l', 'rouge', 'perplexity', 'kl_estimate', 'reward_scores',
+           'class_weights', 'focal_loss', 'roc_auc', 'classification_metrics', 'pair_loss', 'reward_metrics']
 
 # %% ../nbs/07_metrics.ipynb #2a2d354f
 import math, re
@@ -163,3 +164,67 @@ def reward_scores(model, tokenizer, template, chats:Sequence[list], max_tokens_c
     out = [None] * len(chats)
     for i, lg in zip(ok, batched_logits(model, [enc[i] for i in ok], pad, batch_size)): out[i] = float(lg[0])
     return out
+
+# %% ../nbs/07_metrics.ipynb #85c07939
+def class_weights(labels, num_labels:int) -> list:
+    "Balanced class weights `n / (k * count_c)` (0 for a class with no sample)."
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels).astype(float)
+    return [float(len(labels) / (num_labels * c)) if c else 0.0 for c in counts]
+
+def focal_loss(logits, labels, alpha=None, gamma:float=0.0):
+    "Mean focal loss `-alpha_y (1 - p_y)^gamma log p_y` (`gamma=0`, `alpha=None`: cross-entropy)."
+    import torch
+    logp = torch.log_softmax(logits.float(), -1).gather(1, labels[:, None]).squeeze(1)
+    loss = -logp if gamma == 0 else -((1 - logp.exp()) ** gamma) * logp
+    if alpha is not None: loss = loss * torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[labels]
+    return loss.mean()
+
+# %% ../nbs/07_metrics.ipynb #497d64ed
+def roc_auc(scores, positive) -> float:
+    "Area under the ROC curve of `scores` for boolean `positive` (ties count half); nan if one class is missing."
+    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0: return float("nan")
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts); ranks = ((ends - counts + 1 + ends) / 2)[inv]  # average ranks, from 1
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+def _softmax(x):
+    x = np.asarray(x, float); e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+def classification_metrics(logits, labels) -> dict:
+    "accuracy, balanced accuracy, weighted and macro F1/precision/recall, ROC-AUC of `logits` (n, k) against int `labels`."
+    probs, y = _softmax(logits), np.asarray(labels, np.int64)
+    k = probs.shape[1]; pred = probs.argmax(-1); n = len(y)
+    cm = np.zeros((k, k), np.int64); np.add.at(cm, (y, pred), 1)
+    tp, support, predicted = np.diag(cm).astype(float), cm.sum(1).astype(float), cm.sum(0).astype(float)
+    div = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+    prec, rec = div(tp, predicted), div(tp, support)
+    f1 = div(2 * prec * rec, prec + rec)
+    present, seen = support > 0, (support + predicted) > 0
+    w = support / max(n, 1)
+    out = dict(accuracy=float(tp.sum() / max(n, 1)), balanced_accuracy=float(rec[present].mean()) if present.any() else float("nan"),
+               f1=float((f1 * w).sum()), precision=float((prec * w).sum()), recall=float((rec * w).sum()),
+               f1_macro=float(f1[seen].mean()), precision_macro=float(prec[seen].mean()), recall_macro=float(rec[seen].mean()))
+    if k == 2: out["roc_auc"] = roc_auc(probs[:, 1], y == 1)
+    else:
+        aucs = [roc_auc(probs[:, c], y == c) for c in range(k)]
+        aucs = [a for a in aucs if not math.isnan(a)]
+        out["roc_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    return out
+
+# %% ../nbs/07_metrics.ipynb #6c9e52d8
+def pair_loss(r_w, r_l, margin=None):
+    "Mean `-log σ(r_w - r_l - margin)`."
+    import torch
+    d = r_w - r_l
+    if margin is not None: d = d - margin
+    return -torch.nn.functional.logsigmoid(d).mean()
+
+def reward_metrics(rewards) -> dict:
+    "Pair accuracy and mean chosen/rejected rewards and margin of an (n, 2) array `[r_w, r_l]`."
+    r = np.asarray(rewards, float).reshape(-1, 2)
+    w, l = r[:, 0], r[:, 1]
+    return dict(pair_accuracy=float((w > l).mean()), reward_chosen=float(w.mean()), reward_rejected=float(l.mean()),
+                reward_margin=float((w - l).mean()))

@@ -9,8 +9,8 @@ __all__ = ['RECIPES', 'Recipe', 'recipe']
 from dataclasses import dataclass
 from typing import Callable, Optional
 from .settings import SettingsError, did_you_mean, load_settings
-from .train import (TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, classification_metrics,
-                            reward_metrics, class_weights)
+from .train import TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings
+from .metrics import classification_metrics, reward_metrics, class_weights
 
 # %% ../nbs/09_recipes.ipynb #ddd6ff55
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Recipe:
     dataset_class:str  # the dataset class `build_dataset` makes of that data
     model_type:str  # the model it trains: 'causal' or 'seq_cls'
     what:str  # one line, for the CLI's help and the plan
-    trainer:str  # its Trainer subclass: a key of `alignlab.train.trainer_classes()`
+    trainer:str  # its Trainer subclass: a class of `alignlab.trainers`
     collator:Callable  # (pad_id, packing) -> the data collator
     trainer_settings:type = TrainerSettings  # the class of its `trainer_settings` section
     prepare:Optional[Callable] = None  # (model, train_dataset, trainer settings, packing, loss_settings) -> (train_dataset, trainer attributes, notes)

@@ -14,7 +14,8 @@ from .settings import Settings, SettingsError, load_settings
 from .data import DatasetSettings
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
 from .cherry_picks import CherryPickSettings
-from .train import TrainerSettings, ClassificationLossSettings, _has_accelerator, check_run_dir, trainer_classes, fit
+from .train import TrainerSettings, ClassificationLossSettings, _has_accelerator, fit
+from .checkpoints import check_run_dir
 from .recipes import Recipe, RECIPES, recipe
 
 # %% ../nbs/10_run.ipynb #558298e2
@@ -123,7 +124,8 @@ def make_trainer(objective, model, tokenizer, train_dataset, eval_dataset=None, 
     if r.model_type == "seq_cls" and getattr(model.config, "pad_token_id", None) is None: model.config.pad_token_id = pad_id  # pools the last non-pad token
     attrs, notes = {}, []
     if r.prepare: train_dataset, attrs, notes = r.prepare(model, train_dataset, ts, packing, loss_settings)
-    trainer = trainer_classes()[r.trainer](model=model, args=args, data_collator=r.collator(pad_id, packing), train_dataset=train_dataset,
+    from alignlab import trainers  # imports transformers.Trainer (seconds): only when a trainer is built
+    trainer = getattr(trainers, r.trainer)(model=model, args=args, data_collator=r.collator(pad_id, packing), train_dataset=train_dataset,
                                            eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=list(callbacks),
                                            compute_metrics=r.metrics)
     for k, v in attrs.items(): setattr(trainer, k, v)

@@ -31,7 +31,7 @@ def _progress(run_dir):
 
 
 def test_sigkill_resume_matches_uninterrupted(tmp_path):
-    from alignlab.train import last_checkpoint, checkpoints
+    from alignlab.checkpoints import last_checkpoint, checkpoints
     kill_at = random.Random().randint(SAVE + 1, STEPS - 3)  # after the first checkpoint, before the end
     killed = tmp_path/"killed"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(killed), "--steps", str(STEPS), "--save_steps", str(SAVE)],
@@ -68,7 +68,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     """A checkpoint dir without its marker (a half-written one) or with a truncated file is never resumed from."""
-    from alignlab.train import last_checkpoint, mark_complete, MARKER
+    from alignlab.checkpoints import last_checkpoint, mark_complete, MARKER
     run = tmp_path/"run"
     _run(run, "--steps", "10", "--save_steps", "5")
     last = last_checkpoint(run)

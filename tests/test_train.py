@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from alignlab.settings import SettingsError, load_settings
-from alignlab.train import (TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, training_argument_fields,
-                            classification_metrics, roc_auc, reward_metrics, focal_loss, class_weights, fit,
-                            check_run_dir, RunDirError, last_checkpoint, checkpoints, MARKER)
+from alignlab.train import TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, training_argument_fields, fit
+from alignlab.metrics import classification_metrics, roc_auc, reward_metrics, focal_loss, class_weights
+from alignlab.checkpoints import check_run_dir, RunDirError, last_checkpoint, checkpoints, MARKER
 from alignlab.run import make_trainer
 
 torch.set_num_threads(1)
