@@ -6,7 +6,7 @@
 __all__ = ['log', 'METRIC_PARAMETERS', 'NOT_AVAILABLE', 'STORE_NAME', 'MetricParameters', 'DistNParameters',
            'DiversityParameters', 'SelfBleuParameters', 'RougeParameters', 'KLParameters', 'RewardParameters',
            'MetricSettings', 'CherryPickSettings', 'append_records', 'StoreRecords', 'read_review_store',
-           'compute_metrics', 'CherryPickCallback']
+           'compute_metrics', 'CherryPicks']
 
 # %% ../nbs/08a_cherry_picks.ipynb #f0956f11
 import json, math, os, time, logging
@@ -20,7 +20,6 @@ from .data import DatasetSettings, PromptTemplateSettings, build_dataset
 from .generate import TransformersGenerationSettings, CustomGenerationSettings, generate
 from .models import TokenizerSettings
 from . import metrics as M
-from .collate import answer_logprobs
 
 # %% ../nbs/08a_cherry_picks.ipynb #2c48f7fa
 log = logging.getLogger(__name__)
@@ -171,6 +170,7 @@ def _mean(values):
 
 def _ref_logprobs(policy, ref, prompts, answers, pad_id, batch):
     "Per-token log-probs of the answers under `ref`; `ref=None` with a PEFT policy means the base model (adapter disabled)."
+    from alignlab.collate import answer_logprobs  # imports torch: only when a log-prob metric runs
     if ref is not None: return answer_logprobs(ref, prompts, answers, pad_id, batch)
     with policy.disable_adapter(): return answer_logprobs(policy, prompts, answers, pad_id, batch)
 
@@ -221,6 +221,7 @@ def compute_metrics(metric_settings:list, prompts:list, answers:list, labels:lis
             if refm is None and not hasattr(model, "disable_adapter"):
                 raise ValueError(f"kl: no {p.ref_logits_type} model: give the callback ref_model, or train a PEFT adapter "
                                  "(its base model is then the reference)")
+            from alignlab.collate import answer_logprobs
             pr = [prompts[i] for i, _ in flat]
             rl = _ref_logprobs(model, refm, pr, ids, pad, batch_size)
             pol = [answers[i][j].get("sequence_score") for i, j in flat]
@@ -245,19 +246,8 @@ def _label(record:dict, kept:tuple) -> Optional[dict]:
     if hi < len(msgs) and msgs[hi]["role"] == "bot": return {"role": "bot", "content": msgs[hi]["content"]}
     return None
 
-class CherryPickCallback:
-    "A `transformers.TrainerCallback`: generate on the cherry-pick datasets at each evaluation, store every generation and log the averages."
-    _with_hf = None
-    def __new__(cls, *args, **kwargs):
-        # `transformers.TrainerCallback` is mixed in on first use: importing it costs seconds, and this module is imported
-        # by the settings layer (the Experiment, the CLI) that may never train.
-        if cls is CherryPickCallback:
-            if CherryPickCallback._with_hf is None:
-                from transformers import TrainerCallback
-                CherryPickCallback._with_hf = type("CherryPickCallback", (CherryPickCallback, TrainerCallback),
-                                                   {"__module__": __name__, "__doc__": CherryPickCallback.__doc__})
-            cls = CherryPickCallback._with_hf
-        return super().__new__(cls)
+class CherryPicks:
+    "Generate on the cherry-pick datasets, store every generation, log the averages; `alignlab.trainers.CherryPickCallback` runs it at each evaluation."
 
     def __init__(self, settings, tokenizer, run_dir, ref_model=None, reward_model=None):
         self.settings = load_settings(CherryPickSettings, settings)

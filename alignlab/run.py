@@ -192,7 +192,7 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
     val_ds = build_dataset(s.val_dataset_settings, tok, name="val") if s.val_dataset_settings else None
     callbacks = list(callbacks)
     if s.cherry_pick_settings:
-        from alignlab.cherry_picks import CherryPickCallback
+        from alignlab.trainers import CherryPickCallback
         callbacks.append(CherryPickCallback(s.cherry_pick_settings, tok, run_dir))
     if progress and _in_notebook(): callbacks.append(LiveLossPlot())
     trainer = make_trainer(r, model, tok, train_ds, val_ds, s.trainer_settings.model_dump(mode="json", exclude_unset=True), run_dir,

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest, torch
 from alignlab import zoo
 from alignlab.settings import SettingsError, load_settings
-from alignlab.cherry_picks import (CherryPickSettings, MetricSettings, CherryPickCallback, append_records, read_review_store,
+from alignlab.trainers import CherryPickCallback
+from alignlab.cherry_picks import (CherryPickSettings, MetricSettings, append_records, read_review_store,
                                    compute_metrics, STORE_NAME)
 
 
