@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DATASET_TYPES', 'MESSAGE_KEYS', 'RECORD_KEYS', 'SourceSettings', 'PromptTemplateSettings', 'DatasetSettings',
            'DataError', 'check_record', 'read_source', 'TokenStore', 'encode_chats', 'DatasetReport', 'ChatDataset',
-           'PairPreferenceDataset', 'ClassificationDataset', 'SamplingDataset', 'build_dataset']
+           'PairPreferenceDataset', 'ClassificationDataset', 'SamplingDataset', 'build_dataset', 'chat_settings']
 
 # %% ../nbs/03_data.ipynb #94eaf464
 import json, random, zlib, io, base64, html, itertools
@@ -460,3 +460,11 @@ def build_dataset(settings, tokenizer, inference:bool=False, name:str=None):
     ds = SamplingDataset(records, store, owners, status, None, tpl, tokenizer, o)
     ds.report = DatasetReport(name, status, store.lengths, store.n_tokens(), store.n_loss(), _doctor(tokenizer, tpl, store, status, False, False, per_piece), notes, False)
     return ds
+
+# %% ../nbs/03_data.ipynb #c5a7e002
+def chat_settings(path, max_tokens_count:int=256) -> dict:
+    "The guide's `dataset_settings` for a chat JSONL file, with the Llama-3 template and `only_answer_loss`."
+    return {"sources": [{"name": Path(path).stem, "records_path": str(path), "sample_rate": 1}],
+            "prompt_template": {"role_tag_mapping": LLAMA3.role_tag_mapping, "prefix_template": LLAMA3.prefix_template,
+                                "suffix_template": LLAMA3.suffix_template},
+            "dataset_type": "chat", "max_tokens_count": max_tokens_count, "only_answer_loss": True}

@@ -44,7 +44,7 @@ def test_inference_commands_chain_train_generate_score(tmp_path):
     """train_sft -> inference_chat (model + adapter) -> inference_rm on its output: the guide's loop, through the CLI."""
     import json
     from alignlab import zoo
-    from alignlab.quickstart import chat_settings
+    from alignlab.data import chat_settings
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     chat = zoo.get("chat")
     train = {"log_path": str(tmp_path / "sft"), "seed": 1,

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 def chat_ds(tok):
     from alignlab import zoo
     from alignlab.data import build_dataset
-    from alignlab.quickstart import chat_settings
+    from alignlab.data import chat_settings
     # only_answer_loss=False: every sample's first token has a real label, so the boundary rule matters
     return build_dataset({**chat_settings(zoo.get("chat") / "val.jsonl"), "only_answer_loss": False}, tok)
 

@@ -12,6 +12,17 @@ def test_top_level_quarto_yml_is_the_one_nbdev_reads():
     assert link.is_symlink() and link.resolve() == (ROOT / "_quarto.yml").resolve()
 
 
+def test_notebooks_are_in_the_sidebar_in_reading_order_with_unique_numbers():
+    import re
+    entries = [nb for _, nb in docs.sidebar(ROOT)]
+    on_disk = sorted(p.name for p in (ROOT / "nbs").glob("*.ipynb"))
+    assert sorted(entries) == on_disk, set(on_disk) ^ set(entries)  # every notebook is in the sidebar, and only those
+    numbered = [nb for nb in entries if re.match(r"\d", nb)]
+    keys = [re.match(r"(\d+[a-z]?)_", nb).group(1) for nb in numbered]
+    assert len(set(keys)) == len(keys), keys  # no two notebooks share a number
+    assert numbered == sorted(numbered), numbered  # the sidebar reads in number order
+
+
 @pytest.fixture(scope="module")
 def site():
     return docs.render_site(ROOT)

@@ -11,7 +11,7 @@ from alignlab.generate import (generate, generate_records, prompt_ids, Generatio
                                finish_answer)
 from alignlab.collate import answer_logprobs
 from alignlab.settings import SettingsError, load_settings
-from alignlab.quickstart import chat_settings
+from alignlab.data import chat_settings
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from alignlab import zoo
 from alignlab.data import build_dataset
 from alignlab.inference import run_inference, OutputLog, check_adapter_fits, _meta_model
 from alignlab.settings import SettingsError
-from alignlab.quickstart import chat_settings
+from alignlab.data import chat_settings
 
 
 def _chat(n=6):

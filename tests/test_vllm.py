@@ -65,7 +65,7 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
     """run_inference with use_vllm (CPU vLLM venv) gives the answers run_inference gives with Hugging Face generate."""
     from alignlab import zoo
     from alignlab.inference import run_inference
-    from alignlab.quickstart import chat_settings
+    from alignlab.data import chat_settings
     py = vllm_python()
     st = chat_settings(zoo.get("chat") / "test.jsonl")
     st["sources"][0] = {**st["sources"][0], "sample_rate": None, "num_samples": 6}
