@@ -36,3 +36,57 @@ def test_accelerate_two_cpu_processes(tmp_path):
     ck = run/"trainer"/"checkpoint-12"
     assert (ck/"rng_state_0.pth").exists() and (ck/"rng_state_1.pth").exists()  # both ranks wrote their part
     assert (ck/"alignlab_checkpoint.json").exists()  # ... before the marker, which rank 0 wrote once
+
+
+def _configs(tmp_path):
+    "One small guide-style train config per objective of the table (recipes.RECIPES)."
+    from alignlab import zoo
+    from alignlab.recipes import RECIPES
+    tpl = {"role_tag_mapping": {"bot": "assistant", "user": "user", "system": "system"},
+           "prefix_template": "<|start_header_id|>{role}<|end_header_id|>\n\n", "suffix_template": "<|eot_id|>"}
+    data = {"chat": ("chat", {}), "classification": ("classification", {}), "pair_preferences": ("preferences", {"add_labels": False})}
+    models = {"sft": {"model_path": "tiny-llama", "model_type": "causal"},
+              "classification": {"model_path": "tiny-llama-cls", "model_type": "seq_cls", "num_labels": 2},
+              "rm": {"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1}}
+    out = {}
+    for r in RECIPES:
+        item, extra = data[r.dataset_type]
+        lora = {"name": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                **({"task_type": "SEQ_CLS"} if r.model_type == "seq_cls" else {})}
+        out[r.command] = {
+            "log_path": str(tmp_path / r.name), "seed": 3, "model_settings": {**models[r.name], "peft_settings": lora},
+            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str(zoo.get(item) / "train.jsonl"), "num_samples": 32}],
+                                       "prompt_template": tpl, "dataset_type": r.dataset_type, "max_tokens_count": 96, **extra},
+            "trainer_settings": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "save_strategy": "no",
+                                 "logging_steps": 1, "disable_tqdm": True}}
+    return out
+
+
+def test_accelerate_two_cpu_processes_train_every_objective_through_the_recipe_path(tmp_path):
+    """`accelerate launch -m alignlab train_<objective>`: the CLI's one path (alignlab.run.train) on two gloo ranks."""
+    accelerate = Path(sys.executable).parent/"accelerate"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               HF_HOME=str(tmp_path/"hf"))
+    env.setdefault("ALIGNLAB_HOME", "/tmp/alhome1")
+    for cmd, cfg in _configs(tmp_path).items():
+        path = tmp_path/f"{cmd}.json"; path.write_text(json.dumps(cfg))
+        r = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                            "-m", "alignlab", cmd, "--experiment_settings_path", str(path), "--no_progress"],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (cmd, (r.stdout + r.stderr)[-3000:])
+        s = json.loads((Path(cfg["log_path"])/"summary.json").read_text())
+        assert s["world_size"] == 2 and s["steps"] == 3 and s["objective"] == cmd.removeprefix("train_"), (cmd, s)
+        assert (Path(cfg["log_path"])/"final"/"adapter_model.safetensors").exists(), cmd
+
+
+def test_deepspeed_and_fsdp_keys_reach_training_arguments():
+    """The pass-through: what the guide's trainer_settings say about DeepSpeed / FSDP is what TrainingArguments gets."""
+    from alignlab.run import ExperimentSettings
+    from alignlab.settings import load_settings
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+    cfg = _configs(Path("/tmp/unused"))["train_sft"]
+    for extra in ({"deepspeed": ds}, {"fsdp": "full_shard auto_wrap", "fsdp_config": {"min_num_params": 1000}}):
+        s = load_settings(ExperimentSettings, {**cfg, "trainer_settings": {**cfg["trainer_settings"], **extra}})
+        kw = s.trainer_settings.hf_kwargs()
+        assert all(kw[k] == v for k, v in extra.items()), (extra, kw)
