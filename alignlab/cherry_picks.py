@@ -75,6 +75,7 @@ NOT_AVAILABLE = {"meteor": "removed from turbo-alignment (it downloads NLTK data
                  "tool_call_metrics": "turbo-alignment declares it but never implemented it",
                  "retrieval_utility": "a RAG metric, not part of chat cherry-picks"}
 
+# %% ../nbs/08a_cherry_picks.ipynb #f149f542
 class MetricSettings(Settings):
     "One item of `metric_settings`: a metric `type` and its `parameters`."
     type: str
@@ -174,6 +175,7 @@ def _ref_logprobs(policy, ref, prompts, answers, pad_id, batch):
     if ref is not None: return answer_logprobs(ref, prompts, answers, pad_id, batch)
     with policy.disable_adapter(): return answer_logprobs(policy, prompts, answers, pad_id, batch)
 
+# %% ../nbs/08a_cherry_picks.ipynb #f073eed1
 def compute_metrics(metric_settings:list, prompts:list, answers:list, labels:list, tokenizer, *, model=None, chats:list=None,
                     ref_models:dict=None, reward:dict=None, batch_size:int=8) -> tuple:
     "`(values, averages, skipped)`: `values[i][j]` the metrics of answer j to prompt i, `averages` the dataset means to log."
@@ -246,6 +248,7 @@ def _label(record:dict, kept:tuple) -> Optional[dict]:
     if hi < len(msgs) and msgs[hi]["role"] == "bot": return {"role": "bot", "content": msgs[hi]["content"]}
     return None
 
+# %% ../nbs/08a_cherry_picks.ipynb #ce97b5bd
 class CherryPicks:
     "Generate on the cherry-pick datasets, store every generation, log the averages; `alignlab.trainers.CherryPickCallback` runs it at each evaluation."
 

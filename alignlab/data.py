@@ -62,6 +62,7 @@ class PromptTemplateSettings(Settings):
 
 DATASET_TYPES = ("chat", "pair_preferences", "classification", "sampling")
 
+# %% ../nbs/03_data.ipynb #c735df5e
 class DatasetSettings(Settings):
     "The guide's `dataset_settings`."
     sources: list[SourceSettings] = Field(min_length=1)
@@ -119,6 +120,7 @@ def _number(v, where, field):
     if isinstance(v, bool) or not isinstance(v, (int, float)): raise DataError(f"{where}: {field}: expected a number, got {_tname(v)}")
     return float(v)
 
+# %% ../nbs/03_data.ipynb #70d3da1f
 def check_record(r, dataset_type:str, where:str) -> dict:
     "Validate one record of `dataset_type`; returns it normalized (string id, roles as `bot`), or raises `DataError`."
     if not isinstance(r, dict): raise DataError(f"{where}: expected a JSON object, got {_tname(r)}")
@@ -214,6 +216,7 @@ class TokenStore:
 
 def _seed(seed, rid): return seed * 1_000_003 + zlib.crc32(str(rid).encode())
 
+# %% ../nbs/03_data.ipynb #1de9ea66
 def encode_chats(tpl:ChatTemplate, tokenizer, chats:list, max_tokens_count:int=None, only_answer_loss:bool=True,
                  only_last_replica_loss:bool=False, keep_end:bool=False, inference:bool=False, ends_on_bot:bool=True,
                  random_cut:bool=False, seeds:list=None, chunk_size:int=256):

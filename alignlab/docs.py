@@ -82,6 +82,7 @@ def _site_url(root) -> str:
 _DIRECTIVE = re.compile(r"^\s*#\s?\|.*$\n?", re.M)
 _PANDOC_ATTRS = re.compile(r"\{(?:target|style|\.)[^}]*\}")
 
+# %% ../nbs/91_docs.ipynb #950cddd9
 def quarto_like(nb):
     "Apply what Quarto would: drop the frontmatter cell, hide `echo: false` inputs, hide `#|` directives, drop pandoc attributes."
     import copy

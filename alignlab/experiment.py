@@ -104,9 +104,9 @@ def _template(t) -> dict:
 
 _PEFT = {"LORA": LoraSettings, "PREFIX_TUNING": PrefixTuningSettings, "PROMPT_TUNING": PromptTuningSettings, "P_TUNING": PTuningSettings}
 
-# %% ../nbs/11_experiment.ipynb #2c20306e
-class Experiment:
-    "The guide's train settings, built by chained calls or from JSON; `plan()` shows them, `fit()` runs them."
+# %% ../nbs/11_experiment.ipynb #e11c0000
+class _Doors:
+    "The two doors: the guide's JSON in (`from_settings`) and out (`to_settings`), validated once per change."
     def __init__(self, run_dir=None, seed:int=42):
         self._d = {"log_path": str(run_dir or Path("runs")/time.strftime("experiment-%Y%m%d-%H%M%S")), "seed": seed}
         self._cache, self._explicit_type = {}, None
@@ -137,7 +137,9 @@ class Experiment:
         self._d, self._cache = d, ({"settings": ok} if ok is not None else {})  # validated once per change
         return self
 
-    # -- the chain -------------------------------------------------------------------------------------------------
+# %% ../nbs/11_experiment.ipynb #e11c0001
+class _ModelChain(_Doors):
+    "The chain's model calls: run directory, seed, model, tokenizer, special and new tokens, PEFT."
     def run_dir(self, path) -> "Experiment":
         "Where checkpoints, logs and the final model go (the guide's `log_path`)."
         return self._set(log_path=str(path))
@@ -197,6 +199,9 @@ class Experiment:
     def prompt_tuning(self, **kw) -> "Experiment": return self._peft("PROMPT_TUNING", kw)
     def p_tuning(self, **kw) -> "Experiment": return self._peft("P_TUNING", kw)
 
+# %% ../nbs/11_experiment.ipynb #e11c0002
+class _TrainChain(_ModelChain):
+    "The chain's data and training calls: datasets, trainer settings, focal loss, packing, cherry-picks."
     def _dataset(self, kind, train, val, template, **kw) -> "Experiment":
         if val is None and _zoo_dataset(train): val = train  # a zoo dataset brings its validation split
         train, val = _zoo_split(train, "train"), _zoo_split(val, "val")
@@ -251,7 +256,9 @@ class Experiment:
         src = settings if settings is not None else kw
         return self._set(cherry_pick_settings=load_settings(CherryPickSettings, src).model_dump(mode="json", exclude_unset=True))
 
-    # -- looking before running ------------------------------------------------------------------------------------
+# %% ../nbs/11_experiment.ipynb #e11c0003
+class _Plan(_TrainChain):
+    "What `fit()` will do, computed before anything heavy runs."
     def _tokenizer(self, s):
         if "tok" not in self._cache:
             from alignlab.models import load_tokenizer, set_special_tokens
@@ -307,6 +314,9 @@ class Experiment:
         sample = train.sample(0) if s.objective == "sft" and len(train) else None
         return Plan(rows, {"train": train.report, **({"validation": val.report} if val is not None else {})}, sample, notes)
 
+# %% ../nbs/11_experiment.ipynb #2c20306e
+class Experiment(_Plan):
+    "The guide's train settings, built by chained calls or from JSON; `plan()` shows them, `fit()` runs them."
     def _repr_html_(self):
         try: return self.plan()._repr_html_()
         except (SettingsError, ValueError) as e: return f"<p>Experiment (incomplete): {e}</p>"
@@ -325,4 +335,3 @@ class Experiment:
     def fit(self, resume:bool=False, progress:bool=True, overwrite:bool=False) -> dict:
         "Train (`alignlab.run.train`); returns the summary (also in `run_dir/summary.json`). `resume=True` continues from the last complete checkpoint."
         return train(self.settings(), resume=resume, overwrite=overwrite, progress=progress)
-

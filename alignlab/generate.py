@@ -75,6 +75,7 @@ class CustomGenerationSettings(Settings):
     remove_prompt: bool = True
     batch: int = Field(16, ge=1)
 
+# %% ../nbs/06_generate.ipynb #01eaf614
 class GenerationSettings(Settings):
     "One item of the guide's `generation_settings`."
     transformers_settings: TransformersGenerationSettings = TransformersGenerationSettings()
@@ -284,6 +285,7 @@ def check_vllm_settings(ts:TransformersGenerationSettings):
                             "expected num_beams: 1, or use_vllm: false")
     _vllm_extras(ts)
 
+# %% ../nbs/06_generate.ipynb #17346b45
 def sampling_params(tokenizer, ts:TransformersGenerationSettings, extra:dict=None):
     "`vllm.SamplingParams` equivalent to the Hugging Face settings `ts`."
     vllm = import_vllm()

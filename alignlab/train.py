@@ -94,6 +94,7 @@ class TrainerSettings(MirrorSettings):
                                     "expected the deepspeed package and a GPU (pip install deepspeed), or no deepspeed key") from None
             raise
 
+# %% ../nbs/08_train.ipynb #e935b870
 def _has_accelerator() -> bool:
     import torch
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()

@@ -431,6 +431,7 @@ def card_pane(name:str):
     import panel as pn
     return pn.pane.Markdown((get(name)/"README.md").read_text(), name=name, sizing_mode="stretch_width")
 
+# %% ../nbs/01_zoo.ipynb #f7697fb9
 def build_all(log=_log) -> dict:
     "Build every zoo item; returns name → folder."
     return {n: get(n, log=log) for n in ITEMS}
