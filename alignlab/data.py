@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DATASET_TYPES', 'MESSAGE_KEYS', 'RECORD_KEYS', 'SourceSettings', 'PromptTemplateSettings', 'DatasetSettings',
-           'DataError', 'check_record', 'read_source', 'TokenStore', 'encode_chats', 'DatasetReport', 'ChatDataset',
-           'PairPreferenceDataset', 'ClassificationDataset', 'SamplingDataset', 'build_dataset', 'chat_settings']
+           'DataError', 'check_record', 'read_source', 'DatasetReport', 'ChatDataset', 'PairPreferenceDataset',
+           'ClassificationDataset', 'SamplingDataset', 'build_dataset', 'chat_settings']
 
 # %% ../nbs/03_data.ipynb #94eaf464
 import json, random, zlib, io, base64, html, itertools
@@ -17,6 +17,7 @@ from pydantic import model_validator, field_validator, Field
 from .settings import Settings, SettingsError, did_you_mean, load_settings
 from .templates import (ChatTemplate, LLAMA3, IGNORE_INDEX, TruncationError, allowed_ends, role_of, special_edges,
                                 overlap_mask, encode, Sample)
+from .encoding import TokenStore, encode_chats, _seed
 
 # %% ../nbs/03_data.ipynb #ae6a749b
 class SourceSettings(Settings):
@@ -193,107 +194,6 @@ def read_source(src:SourceSettings, dataset_type:str="chat", seed:int=0, notes:l
             for key in ("messages", "context"):
                 if key in r: r[key] = [sp] + [m for j, m in enumerate(r[key]) if not (j == 0 and m["role"] == "system")]
     return recs
-
-# %% ../nbs/03_data.ipynb #63d8b022
-class TokenStore:
-    "Token ids (int32) and loss mask (uint8) of many samples, stored in chunks."
-    def __init__(self): self.ids, self.mask, self.starts, self.ptrs = [], [], [], []; self.n = 0
-    def add(self, ids, mask, lens):
-        ptr = np.zeros(len(lens) + 1, np.int64); np.cumsum(lens, out=ptr[1:])
-        self.ids.append(np.ascontiguousarray(ids, np.int32)); self.mask.append(np.ascontiguousarray(mask, np.uint8))
-        self.ptrs.append(ptr); self.starts.append(self.n); self.n += len(lens)
-    def __len__(self): return self.n
-    def __getitem__(self, i):
-        c = int(np.searchsorted(self.starts, i, side="right")) - 1; j = i - self.starts[c]; p = self.ptrs[c]
-        return self.ids[c][p[j]:p[j + 1]], self.mask[c][p[j]:p[j + 1]]
-    @property
-    def lengths(self): return np.concatenate([np.diff(p) for p in self.ptrs]) if self.ptrs else np.zeros(0, np.int64)
-    @property
-    def nbytes(self): return sum(a.nbytes for a in self.ids + self.mask + self.ptrs)
-    def n_tokens(self): return int(sum(len(a) for a in self.ids))
-    def n_loss(self): return int(sum(int(m.sum()) for m in self.mask))
-    def count_loss_id(self, tid): return int(sum(int(np.count_nonzero(a[m.astype(bool)] == tid)) for a, m in zip(self.ids, self.mask)))
-
-def _seed(seed, rid): return seed * 1_000_003 + zlib.crc32(str(rid).encode())
-
-# %% ../nbs/03_data.ipynb #1de9ea66
-def encode_chats(tpl:ChatTemplate, tokenizer, chats:list, max_tokens_count:int=None, only_answer_loss:bool=True,
-                 only_last_replica_loss:bool=False, keep_end:bool=False, inference:bool=False, ends_on_bot:bool=True,
-                 random_cut:bool=False, seeds:list=None, chunk_size:int=256):
-    "Encode many chats; returns `(store, kept, status)`: store row i is chat i (empty if dropped), `status[i]` is 'ok', 'truncated' or the drop reason."
-    n = len(chats); fast = bool(getattr(tokenizer, "is_fast", False))
-    front, back = special_edges(tokenizer)
-    bos_text = tokenizer.bos_token if front else None
-    backend = tokenizer.backend_tokenizer if fast else None
-    store, kept, status = TokenStore(), np.zeros((n, 2), np.int32), [None] * n
-    prefixes, suf = {}, tpl.suffix_template
-    kw = dict(max_tokens_count=max_tokens_count, only_answer_loss=only_answer_loss, keep_end=keep_end, inference=inference,
-              only_last_replica_loss=only_last_replica_loss, ends_on_bot=ends_on_bot, random_cut=random_cut)
-    for c0 in range(0, n, chunk_size):
-        idx = range(c0, min(n, c0 + chunk_size))
-        texts, fast_i, ivs, slow = [], [], [], []
-        for i in idx:
-            msgs = chats[i]
-            ends = allowed_ends(msgs, inference, ends_on_bot, random_cut, seeds[i] if seeds else 0)
-            if not ends: status[i] = "no bot message" if not inference else "nothing to prompt with"; continue
-            hi = ends[0]; pieces = []; pos = 0; iv = []
-            last_bot = max((j for j in range(hi) if role_of(msgs[j]) == "bot" and not msgs[j].get("disable_loss")), default=None)
-            try:
-                for j in range(hi):
-                    m = msgs[j]; r = role_of(m)
-                    p = prefixes.get(r)
-                    if p is None: p = prefixes[r] = tpl.prefix(r)
-                    c = m["content"]; pos += len(p); pieces += (p, c, suf)
-                    if not (inference or m.get("disable_loss") or (only_answer_loss and r != "bot")
-                            or (only_last_replica_loss and j != last_bot)): iv.append((pos, pos + len(c) + len(suf)))
-                    pos += len(c) + len(suf)
-                if inference:
-                    p = prefixes.get("bot") or prefixes.setdefault("bot", tpl.prefix("bot")); pieces.append(p)
-            except KeyError as e: status[i] = str(e.args[0]); continue
-            text = "".join(pieces)
-            if not fast or back or (bos_text and text.startswith(bos_text)): slow.append(i); continue
-            texts.append(text); fast_i.append(i); ivs.append(iv); kept[i] = (0, hi)
-        lens = np.zeros(len(idx), np.int64)
-        ids = mask = np.zeros(0)
-        if texts:
-            encs = backend.encode_batch(texts)
-            tl = np.fromiter(map(len, encs), np.int64, len(encs)); total = int(tl.sum())
-            ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
-            off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total).reshape(-1, 2)
-            # one global character axis: text k starts at base[k]
-            tlen = np.fromiter(map(len, texts), np.int64, len(texts)); base = np.concatenate([[0], np.cumsum(tlen)[:-1]])
-            off += np.repeat(base, tl)[:, None]
-            giv = [(a + b0, b + b0) for iv, b0 in zip(ivs, base.tolist()) for a, b in iv]
-            mask = overlap_mask(off, giv).astype(np.uint8)
-            tstart = np.concatenate([[0], np.cumsum(tl)])
-            nloss = np.add.reduceat(mask, tstart[:-1]) if total else np.zeros(len(tl), np.int64)
-            nloss = np.where(tl > 0, nloss, 0)
-            bad = (tl > max_tokens_count) if max_tokens_count is not None else np.zeros(len(tl), bool)
-            if not inference and ends_on_bot: bad |= nloss == 0
-            for k in np.flatnonzero(bad).tolist(): slow.append(fast_i[k])
-            good = ~bad
-            for k, i in enumerate(fast_i):
-                if good[k]: status[i] = "ok" if kept[i, 1] == len(chats[i]) else "truncated"; lens[i - c0] = tl[k]
-            if bad.any():
-                keep_tok = np.repeat(good, tl); ids, mask = ids[keep_tok], mask[keep_tok]
-        if slow:  # one at a time, by the rule; then splice into chunk order
-            extra = {}
-            for i in sorted(slow):
-                try:
-                    s = encode(tpl, tokenizer, chats[i], seed=seeds[i] if seeds else 0, **kw)
-                    extra[i] = (np.asarray(s.input_ids, np.int32), np.asarray([l != IGNORE_INDEX for l in s.labels], np.uint8))
-                    status[i] = "truncated" if s.truncated else "ok"; kept[i] = s.kept; lens[i - c0] = len(s)
-                except (TruncationError, KeyError, ValueError) as e: status[i] = str(e.args[0]) if e.args else str(e)
-            gptr = np.concatenate([[0], np.cumsum([lens[i - c0] if i not in extra else 0 for i in idx])])
-            ids_parts, mask_parts = [], []
-            for k, i in enumerate(idx):
-                if i in extra: ids_parts.append(extra[i][0]); mask_parts.append(extra[i][1])
-                else: ids_parts.append(ids[gptr[k]:gptr[k + 1]]); mask_parts.append(mask[gptr[k]:gptr[k + 1]])
-            ids, mask = np.concatenate(ids_parts) if ids_parts else ids, np.concatenate(mask_parts) if mask_parts else mask
-        for i in idx:
-            if status[i] not in ("ok", "truncated"): lens[i - c0] = 0; kept[i] = (0, 0)
-        store.add(ids, mask, lens)
-    return store, kept, status
 
 # %% ../nbs/03_data.ipynb #7614b09c
 class DatasetReport:
