@@ -8,7 +8,8 @@ __all__ = ['TokenStore', 'encode_chats']
 # %% ../nbs/02a_encoding.ipynb #4b6a31aa
 import itertools, zlib
 import numpy as np
-from .templates import ChatTemplate, IGNORE_INDEX, TruncationError, allowed_ends, role_of, special_edges, overlap_mask, encode
+from .templates import (ChatTemplate, IGNORE_INDEX, TruncationError, allowed_ends, carries_loss, encode, last_trained_bot,
+                                overlap_mask, role_of, special_edges)
 
 # %% ../nbs/02a_encoding.ipynb #63d8b022
 class TokenStore:
@@ -53,15 +54,14 @@ def encode_chats(tpl:ChatTemplate, tokenizer, chats:list, max_tokens_count:int=N
             ends = allowed_ends(msgs, inference, ends_on_bot, random_cut, seeds[i] if seeds else 0)
             if not ends: status[i] = "no bot message" if not inference else "nothing to prompt with"; continue
             hi = ends[0]; pieces = []; pos = 0; iv = []
-            last_bot = max((j for j in range(hi) if role_of(msgs[j]) == "bot" and not msgs[j].get("disable_loss")), default=None)
+            last_bot = last_trained_bot(msgs, hi)
             try:
                 for j in range(hi):
                     m = msgs[j]; r = role_of(m)
                     p = prefixes.get(r)
                     if p is None: p = prefixes[r] = tpl.prefix(r)
                     c = m["content"]; pos += len(p); pieces += (p, c, suf)
-                    if not (inference or m.get("disable_loss") or (only_answer_loss and r != "bot")
-                            or (only_last_replica_loss and j != last_bot)): iv.append((pos, pos + len(c) + len(suf)))
+                    if carries_loss(m, r, j, last_bot, only_answer_loss, only_last_replica_loss, inference): iv.append((pos, pos + len(c) + len(suf)))
                     pos += len(c) + len(suf)
                 if inference:
                     p = prefixes.get("bot") or prefixes.setdefault("bot", tpl.prefix("bot")); pieces.append(p)

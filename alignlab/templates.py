@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'BOT_ROLES', 'ROLES', 'LLAMA3', 'ROLE_COLORS', 'Span', 'role_of', 'ChatTemplate', 'TruncationError',
-           'trained_intervals', 'overlap_mask', 'special_edges', 'tokenize', 'Sample', 'allowed_ends', 'encode',
-           'sample_html', 'to_jinja']
+           'last_trained_bot', 'carries_loss', 'trained_intervals', 'overlap_mask', 'special_edges', 'tokenize',
+           'Sample', 'allowed_ends', 'encode', 'sample_html', 'to_jinja']
 
 # %% ../nbs/02_templates.ipynb #fe139323
 import html, json, random, warnings
@@ -62,16 +62,23 @@ LLAMA3 = ChatTemplate(role_tag_mapping={"bot": "assistant", "user": "user", "sys
 class TruncationError(ValueError):
     "No run of whole messages fits `max_tokens_count` (the sample is dropped and counted)."
 
+def last_trained_bot(msgs, hi:int=None):
+    "Index of the last bot message among `msgs[:hi]` whose loss is not disabled (None if there is none)."
+    return max((i for i, m in enumerate(msgs[:hi]) if role_of(m) == "bot" and not m.get("disable_loss")), default=None)
+
+def carries_loss(msg, role:str, index:int, last_bot, only_answer_loss=True, only_last_replica_loss=False, inference=False) -> bool:
+    "The loss rule for one message's content and suffix (the one rule `trained_intervals` and the batched encoder both apply)."
+    return not (inference or msg.get("disable_loss") or (only_answer_loss and role != "bot")
+                or (only_last_replica_loss and index != last_bot))
+
 def trained_intervals(spans, msgs, only_answer_loss=True, only_last_replica_loss=False, inference=False):
     "The `(start, end)` character intervals of `spans` that carry loss (see the rules)."
     if inference: return []
-    last_bot = max((i for i, m in enumerate(msgs) if role_of(m) == "bot" and not m.get("disable_loss")), default=None)
+    last_bot = last_trained_bot(msgs)
     out = []
     for s in spans:
         if s.part == "prefix" or s.message >= len(msgs) or s.start == s.end: continue
-        m = msgs[s.message]
-        if m.get("disable_loss") or (only_answer_loss and s.role != "bot"): continue
-        if only_last_replica_loss and s.message != last_bot: continue
+        if not carries_loss(msgs[s.message], s.role, s.message, last_bot, only_answer_loss, only_last_replica_loss): continue
         if out and out[-1][1] == s.start: out[-1] = (out[-1][0], s.end)
         else: out.append((s.start, s.end))
     return out
