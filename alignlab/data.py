@@ -308,7 +308,11 @@ def _pair_chat(r, side):
     return [{**m, "disable_loss": True} for m in r["context"]] + [r["answer_" + side]]
 
 # %% ../nbs/03_data.ipynb #246942f9
-def build_dataset(settings, tokenizer, inference:bool=False, name:str=None):
+def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings` dict, or a JSON path
+                  tokenizer, # the model's tokenizer (special tokens and new tokens already added)
+                  inference:bool=False, # prompts to generate from (no loss, ends before the bot turn) instead of training samples
+                  name:str=None, # the dataset's name in reports and errors (default: its sources' names)
+                 ):
     "Read every source of `settings` (a `DatasetSettings`, dict or JSON path) and tokenize by its `dataset_type`."
     st = load_settings(DatasetSettings, settings)
     tpl, notes = st.prompt_template.template, []

@@ -153,7 +153,12 @@ def _batches(prompts:list, batch:int):
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
-def generate(model, tokenizer, prompts:list, transformers_settings=None, custom_settings=None, ids:list=None) -> list:
+def generate(model, tokenizer,
+             prompts:list, # token-id lists (e.g. an inference dataset's `input_ids`)
+             transformers_settings=None, # the guide's `transformers_settings` (any GenerationConfig field)
+             custom_settings=None, # the guide's `custom_settings`: batch, skip_special_tokens, remove_prompt
+             ids:list=None, # record ids, for the answers' ids (`{id}-{j}`)
+            ) -> list:
     "Per prompt (a list of token ids), a list of answers `{id, content, answer_token_ids, sequence_score}`; batched, left padded."
     import torch
     from alignlab.collate import answer_logprobs, pad_batch

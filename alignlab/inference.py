@@ -245,7 +245,9 @@ def infer_rm(st:InferenceSettings, log:OutputLog) -> list:
     return _score_runs(st, log, "rm", "scored", _reward, 64, num_labels_one=True)
 
 # %% ../nbs/06a_inference.ipynb #40936652
-def run_inference(settings, kind:Literal["chat", "classification", "rm"]="chat") -> Path:
+def run_inference(settings, # the guide's inference JSON: a dict, a path or an `InferenceSettings`
+                  kind:Literal["chat", "classification", "rm"]="chat", # the command: inference_chat, inference_classification, inference_rm
+                 ) -> Path:
     "Run the inference config `settings` (dict, JSON path or `InferenceSettings`); returns `save_path`."
     from alignlab.recipes import recipe  # the table of objectives: which data each inference command reads
     want = recipe(inference=kind, where="kind").inference_dataset_type

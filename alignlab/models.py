@@ -164,7 +164,9 @@ def _check_checkpoint(path:Path, ms:ModelSettings):
     return cfg
 
 # %% ../nbs/05_models.ipynb #d603f7f1
-def load_tokenizer(tokenizer_settings=None, model_path=None):
+def load_tokenizer(tokenizer_settings=None, # the guide's `tokenizer_settings` (dict or object)
+                   model_path=None, # where the tokenizer is when `tokenizer_path` is not set
+                  ):
     "The tokenizer from `tokenizer_settings.tokenizer_path`, else from `model_path`."
     from transformers import AutoTokenizer
     ts = load_settings(TokenizerSettings, tokenizer_settings or {})
@@ -304,8 +306,12 @@ def _auto_class(model_type:str):
     import transformers
     return {"causal": transformers.AutoModelForCausalLM, "seq_cls": transformers.AutoModelForSequenceClassification}[model_type]
 
-def load_model(model_settings, tokenizer_settings=None, special_tokens_settings=None, *,
-               peft_settings=None, embeddings_initialization_strategy=None):
+def load_model(model_settings, # the guide's `model_settings` (a dict, JSON path or object; a zoo name as model_path works)
+               tokenizer_settings=None, # the guide's `tokenizer_settings`
+               special_tokens_settings=None, # the guide's `special_tokens_settings` (bos/eos/pad/unk/sep)
+               *, peft_settings=None, # overrides `model_settings.peft_settings`
+               embeddings_initialization_strategy=None, # overrides `model_settings.embeddings_initialization_strategy`
+              ):
     "`(model, tokenizer)` from the guide's settings, with special tokens, new-token embeddings and PEFT (or an adapter) applied."
     import torch
     ms = parse_model_settings(model_settings)
@@ -360,8 +366,13 @@ def save_model(model, tok, out) -> Path:
     return out
 
 # %% ../nbs/05_models.ipynb #93f8964f
-def merge_adapters_to_base(model_settings, save_path, tokenizer_settings=None, special_tokens_settings=None,
-                           adapter_path=None, max_shard_size="400MB") -> Path:
+def merge_adapters_to_base(model_settings, # the base model's `model_settings` (with `adapter_path`, or give it below)
+                           save_path, # where the merged model and its tokenizer are written
+                           tokenizer_settings=None, # as the training run had it
+                           special_tokens_settings=None, # as the training run had them
+                           adapter_path=None, # the adapter to merge (overrides `model_settings.adapter_path`)
+                           max_shard_size="400MB", # safetensors shard size
+                          ) -> Path:
     "Load base + adapter as `load_model` does, merge the adapter into the weights, save a plain transformers model to `save_path`."
     ms = parse_model_settings(model_settings)
     if adapter_path: ms = ms.model_copy(update={"adapter_path": str(adapter_path)})

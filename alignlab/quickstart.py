@@ -55,8 +55,16 @@ def generations_html(rows:list, summary:dict) -> str:
             f"<table><tr><th>prompt</th><th>gold</th><th>before</th><th>after</th></tr>{body}</table></body></html>")
 
 # %% ../nbs/13_quickstart.ipynb #98ae486d
-def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=2e-3, r:int=16, max_tokens_count:int=256,
-               seed:int=0, progress:bool=True, log=print) -> dict:
+def quickstart(run_dir=None, # where to write (default: runs/quickstart-<time>)
+               steps:int=400, # optimizer steps
+               batch_size:int=16, # chats per step
+               lr:float=2e-3, # peak learning rate (cosine to a tenth); BENCHMARKS.md has why
+               r:int=16, # LoRA rank (alpha = r), on all seven projections
+               max_tokens_count:int=256, # the dataset's token limit
+               seed:int=0, # the run's seed (LoRA init, data order)
+               progress:bool=True, # the trainer's progress bar
+               log=print, # where the plan and the result lines go
+              ) -> dict:
     "Run the quickstart job; returns the summary (also written to `run_dir/summary.json`)."
     t0 = time.time()
     run_dir = Path(run_dir or Path("runs")/time.strftime("quickstart-%Y%m%d-%H%M%S"))
@@ -103,8 +111,16 @@ def quickstart(run_dir=None, steps:int=400, batch_size:int=16, lr:float=2e-3, r:
     return summary
 
 # %% ../nbs/13_quickstart.ipynb #9566d848
-def reward_model(run_dir, adapter, steps:int=400, batch_size:int=16, lr:float=1e-4, eval_steps:int=100, seed:int=0,
-                 schedule:str="cosine", progress:bool=False) -> dict:
+def reward_model(run_dir, # where to write (the merged SFT model and the reward model's run)
+                 adapter, # the SFT adapter (a quickstart's `final/`)
+                 steps:int=400, # full fine-tuning of the backbone and its one-output head
+                 batch_size:int=16, # preference pairs per step
+                 lr:float=1e-4, # peak learning rate
+                 eval_steps:int=100, # held-out pair accuracy every this many steps
+                 seed:int=0,
+                 schedule:str="cosine", # the lr schedule (BENCHMARKS.md: a constant rate let accuracy fall late)
+                 progress:bool=False,
+                ) -> dict:
     "Merge the SFT `adapter` into `tiny-llama`, train a reward model from it on the zoo's `preferences`; returns the fit summary."
     from alignlab.models import merge_adapters_to_base
     from alignlab.experiment import Experiment

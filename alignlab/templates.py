@@ -191,9 +191,18 @@ def _encode_run(tpl, tokenizer, msgs, kept, inference, only_answer_loss, only_la
                   truncated=kept != (0, n), messages=msgs, per_piece=pp, inference=inference)
 
 # %% ../nbs/02_templates.ipynb #eb7ca9f2
-def encode(tpl:ChatTemplate, tokenizer, messages:list, max_tokens_count:int=None, only_answer_loss:bool=True,
-           keep_end:bool=False, inference:bool=False, only_last_replica_loss:bool=False, random_cut:bool=False,
-           seed:int=0, ends_on_bot:bool=True, per_piece:bool=None) -> Sample:
+def encode(tpl:ChatTemplate, tokenizer,
+           messages:list, # the chat: dicts with role and content (and optional disable_loss)
+           max_tokens_count:int=None, # truncate to whole messages within this many tokens (None: no limit)
+           only_answer_loss:bool=True, # loss on bot turns only (else on every turn)
+           keep_end:bool=False, # truncate from the start (keeping a leading system prompt) instead of from the end
+           inference:bool=False, # a prompt: stop before the last bot turn, add the bot prefix, no loss
+           only_last_replica_loss:bool=False, # loss on the last trained bot turn only
+           random_cut:bool=False, # inference only (cherry-picks): prompt at a random allowed turn, seeded by `seed`
+           seed:int=0,
+           ends_on_bot:bool=True, # a training sample must end with a bot turn
+           per_piece:bool=None, # tokenize piece by piece (default: only for a slow tokenizer, which has no offsets)
+          ) -> Sample:
     "Tokenize `messages` with `tpl`: whole-message truncation, loss mask, inference prompt (see the rules above)."
     msgs = list(messages); n = len(msgs)
     if not msgs: raise ValueError("a chat needs at least one message")
@@ -254,7 +263,9 @@ def sample_html(s:Sample, title:str=None) -> str:
             f'<div style="margin-top:6px">{"".join(parts)}</div></div>')
 
 # %% ../nbs/02_templates.ipynb #dc0e6420
-def to_jinja(tpl:ChatTemplate, bos:bool=True) -> str:
+def to_jinja(tpl:ChatTemplate,
+             bos:bool=True, # start with the tokenizer's `bos_token`, as `encode` does when the tokenizer adds one
+            ) -> str:
     "The prompt_template as a Jinja chat template (`bos`: start with the tokenizer's `bos_token`)."
     roles = dict(tpl.role_tag_mapping)
     if "bot" in roles: roles.setdefault("assistant", roles["bot"])
