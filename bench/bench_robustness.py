@@ -3,6 +3,7 @@ CPU kernel sets, each cell a fresh process with its own zoo built under that ker
 
 Run: HF_HUB_OFFLINE=1 python bench/bench_robustness.py [--pairs 0:0,1:2,2:4,3:1,4:3] [--kernels native,avx2,default]
      [--threads 1] [--jobs 2] [--out bench/robustness.jsonl] [--root DIR] [--no-rm] [--table] [--redo-rm NEW.jsonl]
+     [--sft-lr LR] [--sft-steps N] (a candidate SFT recipe; rows record it)
      (8-15 min per cell on one core of a 2-core machine running two cells; the zoo build is most of it)
 Kernel sets (this machine emulates others): `native` is what the CPU offers; `avx2` and `default` cap ATen's dispatch
 (`ATEN_CPU_CAPABILITY`), oneDNN (`ONEDNN_MAX_CPU_ISA`) and MKL (`MKL_ENABLE_INSTRUCTIONS`) at AVX2 / pre-AVX levels, so matmuls,
@@ -31,7 +32,7 @@ def cpu_name() -> str:
     except (OSError, StopIteration): import platform; return platform.processor() or "unknown"
 
 
-def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False) -> dict:
+def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False, sft:dict=None) -> dict:
     "One cell, in this process (the parent has set the kernel environment)."
     import torch
     torch.set_num_threads(threads)
@@ -50,7 +51,7 @@ def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False) -
     kept = d/"qs"/"summary.json"
     if reuse and not kept.exists(): raise SystemExit(f"--redo-rm: no kept quickstart at {kept}")
     if not reuse and d.exists(): shutil.rmtree(d)
-    s = json.loads(kept.read_text()) if reuse else quickstart(d/"qs", seed=train_seed, progress=False, log=lambda *a: None)
+    s = json.loads(kept.read_text()) if reuse else quickstart(d/"qs", seed=train_seed, progress=False, log=lambda *a: None, **(sft or {}))
     out.update(em_before=s["exact_match_before"], em_after=s["exact_match_after"], first_loss=s["first_loss"],
                last_loss=s["last_loss"], qs_seconds=s["train_seconds"])
     out["recipe"] = dict(sft_lr=s["lr"], sft_steps=s["steps"], lora_r=s["lora_r"])
@@ -63,13 +64,13 @@ def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False) -
     return out
 
 
-def run_cell(kernel:str, zoo_seed:int, train_seed:int, threads:int, rm:bool, root:Path, reuse:bool=False) -> dict:
+def run_cell(kernel:str, zoo_seed:int, train_seed:int, threads:int, rm:bool, root:Path, reuse:bool=False, sft:dict=None) -> dict:
     "One cell in a fresh process with the kernel set's environment and its own ALIGNLAB_HOME."
     env = {**os.environ, **KERNELS[kernel], "ALIGNLAB_HOME": str(root/f"home-{kernel}"), "ALIGNLAB_ZOO_SEED": str(zoo_seed),
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = ([sys.executable, __file__, "--cell", f"{zoo_seed}:{train_seed}", "--threads", str(threads)] + ([] if rm else ["--no-rm"])
-           + (["--reuse"] if reuse else []))
+           + (["--reuse"] if reuse else []) + (["--sft", json.dumps(sft)] if sft else []))
     t = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -78,14 +79,14 @@ def run_cell(kernel:str, zoo_seed:int, train_seed:int, threads:int, rm:bool, roo
 
 
 def table(rows:list) -> str:
-    head = ("| CPU | kernels | zoo seed | train seed | threads | zoo pre-training steps | zoo fact accuracy | EM before | EM after | first → last loss "
-            "| RM pair accuracy (per 100 steps) | seconds (zoo + quickstart + RM) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    head = ("| CPU | kernels | zoo seed | train seed | threads | SFT lr, steps | zoo pre-training steps | zoo fact accuracy | EM before | EM after | first → last loss "
+            "| RM pair accuracy (per 100 steps) | seconds (zoo + quickstart + RM) |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('cpu', '?')} | {r['kernel']} | {r['zoo_seed']} | {r['train_seed']} | {r['threads']} | error: {r['error']} | | | | | | |"); continue
+            lines.append(f"| {r.get('cpu', '?')} | {r['kernel']} | {r['zoo_seed']} | {r['train_seed']} | {r['threads']} | | error: {r['error']} | | | | | | |"); continue
         rm = ", ".join(f"{a:.2f}" for a in r.get("rm_accuracy", [])) or "–"
-        lines.append(f"| {r.get('cpu', '?')} | {r['kernel']} ({r['capability']}) | {r['zoo_seed']} | {r['train_seed']} | {r['threads']} | {r['pretrain_steps']} | {r['fact_accuracy']} "
+        lines.append(f"| {r.get('cpu', '?')} | {r['kernel']} ({r['capability']}) | {r['zoo_seed']} | {r['train_seed']} | {r['threads']} | {r.get('recipe', {}).get('sft_lr', '?'):g}, {r.get('recipe', {}).get('sft_steps', '?')} | {r['pretrain_steps']} | {r['fact_accuracy']} "
                      f"| {r['em_before']:.3f} | **{r['em_after']:.3f}** | {r['first_loss']:.3f} → {r['last_loss']:.3f} | {rm} "
                      f"| {r['cell_seconds']:.0f} |")
     return head + "\n" + "\n".join(lines)
@@ -105,10 +106,13 @@ def main():
                     "--root); write the rows to this file")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--reuse", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sft-lr", type=float, default=None, help="a candidate SFT peak lr (default: the quickstart's)")
+    ap.add_argument("--sft-steps", type=int, default=None, help="a candidate number of SFT steps (default: the quickstart's)")
+    ap.add_argument("--sft", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.cell:
         z, t = map(int, a.cell.split(":"))
-        print(json.dumps(cell(z, t, a.threads, not a.no_rm, a.reuse)), flush=True); return
+        print(json.dumps(cell(z, t, a.threads, not a.no_rm, a.reuse, json.loads(a.sft) if a.sft else None)), flush=True); return
     pairs = [tuple(map(int, p.split(":"))) for p in a.pairs.split(",")]
     kernels = a.kernels.split(",")
     bad = [k for k in kernels if k not in KERNELS]
@@ -116,7 +120,12 @@ def main():
     out = Path(a.out)
     done = [json.loads(l) for l in out.read_text().splitlines()] if out.exists() else []
     here = cpu_name()
-    have = {(r.get("cpu"), r["kernel"], r["zoo_seed"], r["train_seed"], r["threads"]) for r in done if "error" not in r}
+    sft = {k: v for k, v in (("lr", a.sft_lr), ("steps", a.sft_steps)) if v is not None}
+    lr_steps = lambda r: (r.get("recipe", {}).get("sft_lr"), r.get("recipe", {}).get("sft_steps"))
+    import alignlab.quickstart as Q
+    want = (sft.get("lr", inspect.signature(Q.quickstart).parameters["lr"].default), sft.get("steps", inspect.signature(Q.quickstart).parameters["steps"].default))
+    # a cell is done when this CPU has it with the same SFT recipe
+    have = {(r.get("cpu"), r["kernel"], r["zoo_seed"], r["train_seed"], r["threads"]) for r in done if "error" not in r and lr_steps(r) == want}
     todo = [] if a.table else [(k, z, t) for z, t in pairs for k in kernels if (here, k, z, t, a.threads) not in have]
     if a.redo_rm:
         todo = [(r["kernel"], r["zoo_seed"], r["train_seed"]) for r in done if r.get("cpu") == here and r["threads"] == a.threads
@@ -124,7 +133,7 @@ def main():
         out = Path(a.redo_rm)
     root = Path(a.root or tempfile.mkdtemp(prefix="alignlab-robust-"))
     def go(job):
-        r = run_cell(*job, a.threads, not a.no_rm, root, reuse=bool(a.redo_rm))
+        r = run_cell(*job, a.threads, not a.no_rm, root, reuse=bool(a.redo_rm), sft=sft or None)
         with open(out, "a") as f: f.write(json.dumps(r) + "\n")
         print(json.dumps(r), file=sys.stderr, flush=True)
         return r
