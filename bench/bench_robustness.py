@@ -3,7 +3,7 @@ CPU kernel sets, each cell a fresh process with its own zoo built under that ker
 
 Run: HF_HUB_OFFLINE=1 python bench/bench_robustness.py [--pairs 0:0,1:2,2:4,3:1,4:3] [--kernels native,avx2,default]
      [--threads 1] [--jobs 2] [--out bench/robustness.jsonl] [--root DIR] [--no-rm] [--table] [--redo-rm NEW.jsonl]
-     [--sft-lr LR] [--sft-steps N] (a candidate SFT recipe; rows record it)
+     [--sft-lr LR] [--sft-steps N] [--rm-lr LR] (a candidate recipe; rows record it)
      (8-15 min per cell on one core of a 2-core machine running two cells; the zoo build is most of it)
 Kernel sets (this machine emulates others): `native` is what the CPU offers; `avx2` and `default` cap ATen's dispatch
 (`ATEN_CPU_CAPABILITY`), oneDNN (`ONEDNN_MAX_CPU_ISA`) and MKL (`MKL_ENABLE_INSTRUCTIONS`) at AVX2 / pre-AVX levels, so matmuls,
@@ -32,7 +32,7 @@ def cpu_name() -> str:
     except (OSError, StopIteration): import platform; return platform.processor() or "unknown"
 
 
-def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False, sft:dict=None) -> dict:
+def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False, sft:dict=None, rm_kw:dict=None) -> dict:
     "One cell, in this process (the parent has set the kernel environment)."
     import torch
     torch.set_num_threads(threads)
@@ -57,20 +57,22 @@ def cell(zoo_seed:int, train_seed:int, threads:int, rm:bool, reuse:bool=False, s
     out["recipe"] = dict(sft_lr=s["lr"], sft_steps=s["steps"], lora_r=s["lora_r"])
     if rm:
         rm_defaults = {k: v.default for k, v in inspect.signature(reward_model).parameters.items() if k in ("lr", "steps", "schedule")}
+        rm_defaults.update(rm_kw or {})
         out["recipe"].update({f"rm_{k}": v for k, v in rm_defaults.items()})
         if (d/"rm").exists(): shutil.rmtree(d/"rm")
-        r = reward_model(d/"rm", s["adapter"], seed=train_seed)
+        r = reward_model(d/"rm", s["adapter"], seed=train_seed, **(rm_kw or {}))
         out.update(rm_accuracy=[round(h["eval_pair_accuracy"], 3) for h in r["eval_history"]], rm_seconds=r["train_seconds"])
     return out
 
 
-def run_cell(kernel:str, zoo_seed:int, train_seed:int, threads:int, rm:bool, root:Path, reuse:bool=False, sft:dict=None) -> dict:
+def run_cell(kernel:str, zoo_seed:int, train_seed:int, threads:int, rm:bool, root:Path, reuse:bool=False, sft:dict=None,
+             rm_kw:dict=None) -> dict:
     "One cell in a fresh process with the kernel set's environment and its own ALIGNLAB_HOME."
     env = {**os.environ, **KERNELS[kernel], "ALIGNLAB_HOME": str(root/f"home-{kernel}"), "ALIGNLAB_ZOO_SEED": str(zoo_seed),
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = ([sys.executable, __file__, "--cell", f"{zoo_seed}:{train_seed}", "--threads", str(threads)] + ([] if rm else ["--no-rm"])
-           + (["--reuse"] if reuse else []) + (["--sft", json.dumps(sft)] if sft else []))
+           + (["--reuse"] if reuse else []) + (["--sft", json.dumps(sft)] if sft else []) + (["--rm", json.dumps(rm_kw)] if rm_kw else []))
     t = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -108,11 +110,14 @@ def main():
     ap.add_argument("--reuse", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sft-lr", type=float, default=None, help="a candidate SFT peak lr (default: the quickstart's)")
     ap.add_argument("--sft-steps", type=int, default=None, help="a candidate number of SFT steps (default: the quickstart's)")
+    ap.add_argument("--rm-lr", type=float, default=None, help="a candidate RM peak lr (default: reward_model's)")
     ap.add_argument("--sft", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rm", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.cell:
         z, t = map(int, a.cell.split(":"))
-        print(json.dumps(cell(z, t, a.threads, not a.no_rm, a.reuse, json.loads(a.sft) if a.sft else None)), flush=True); return
+        print(json.dumps(cell(z, t, a.threads, not a.no_rm, a.reuse, json.loads(a.sft) if a.sft else None,
+                              json.loads(a.rm) if a.rm else None)), flush=True); return
     pairs = [tuple(map(int, p.split(":"))) for p in a.pairs.split(",")]
     kernels = a.kernels.split(",")
     bad = [k for k in kernels if k not in KERNELS]
@@ -133,7 +138,7 @@ def main():
         out = Path(a.redo_rm)
     root = Path(a.root or tempfile.mkdtemp(prefix="alignlab-robust-"))
     def go(job):
-        r = run_cell(*job, a.threads, not a.no_rm, root, reuse=bool(a.redo_rm), sft=sft or None)
+        r = run_cell(*job, a.threads, not a.no_rm, root, reuse=bool(a.redo_rm), sft=sft or None, rm_kw={"lr": a.rm_lr} if a.rm_lr else None)
         with open(out, "a") as f: f.write(json.dumps(r) + "\n")
         print(json.dumps(r), file=sys.stderr, flush=True)
         return r
