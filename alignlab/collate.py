@@ -41,7 +41,10 @@ def pad_batch(seqs:list, pad_id:int, side:Literal["right", "left"]="right", mult
     return pad(seqs, pad_id, side, n), pad([np.ones(len(s), np.int64) for s in seqs], 0, side, n)
 
 # %% ../nbs/04_collate.ipynb #618a9261
-def pad_collate(items:list, pad_id:int, pad_to_multiple_of:Optional[int]=None) -> dict:
+def pad_collate(items:list, # dataset items: dicts with `input_ids` (and `attention_mask`, `labels` if they have them)
+                pad_id:int, # the tokenizer's pad id
+                pad_to_multiple_of:Optional[int]=None, # round the width up (8 or 64 for tensor cores)
+               ) -> dict:
     "Right-padded `input_ids`, `attention_mask` and `labels` tensors from dataset items; other keys (such as `id`) are ignored."
     ids = [x["input_ids"] for x in items]
     n = _round_up(max(map(len, ids)), pad_to_multiple_of)
@@ -68,7 +71,10 @@ class PairCollator:
                 "margin": torch.tensor([float(v) if v is not None else 0.0 for v in m]) if any(v is not None for v in m) else None}
 
 # %% ../nbs/04_collate.ipynb #7bcf6abc
-def batched_logits(model, seqs:list, pad_id:int, batch:int=16) -> list:
+def batched_logits(model, seqs:list, # id lists, scored whole
+                   pad_id:int,
+                   batch:int=16, # rows per forward
+                  ) -> list:
     "Logits (float32, on CPU) of each id list in `seqs`, in order; right-padded batches of similar length, no grad."
     order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
     out = [None] * len(seqs)
@@ -118,7 +124,9 @@ def answer_logprobs(model, prompts:list, answers:list, pad_id:int=0,
     return [float(x.sum()) for x in out] if reduce == "sum" else out
 
 # %% ../nbs/04_collate.ipynb #2097c6e5
-def pack(lengths, max_tokens:int) -> list:
+def pack(lengths, # the samples' token counts
+         max_tokens:int, # a row's capacity
+        ) -> list:
     "Bins of sample indices (best-fit decreasing): no sample split, every bin's total length <= `max_tokens`."
     lengths = [int(l) for l in lengths]
     for i, l in enumerate(lengths):
@@ -136,7 +144,9 @@ def pack(lengths, max_tokens:int) -> list:
         by_cap[c].append(b)
     return bins
 
-def fill_ratio(bins:list, lengths, max_tokens:int) -> float:
+def fill_ratio(bins:list, # `pack`'s bins of sample indices
+               lengths, max_tokens:int, # as given to `pack`
+              ) -> float:
     "Share of the `len(bins) * max_tokens` token slots that hold sample tokens."
     return float(sum(int(lengths[i]) for b in bins for i in b)) / max(1, len(bins) * max_tokens)
 
@@ -185,8 +195,12 @@ class PackedDataset:
         return s + (f"; skipped {len(self.skipped)} longer than max_tokens" if self.skipped else "")
 
 # %% ../nbs/04_collate.ipynb #930652e1
-def packed_collate(rows:list, pad_id:int, pad_to_multiple_of:Optional[int]=None, block_mask:bool=False,
-                   dtype=torch.float32) -> dict:
+def packed_collate(rows:list, # `PackedDataset` rows: `input_ids`, `labels`, `position_ids`
+                   pad_id:int,
+                   pad_to_multiple_of:Optional[int]=None, # round the width up
+                   block_mask:bool=False, # also build the 4-D block-diagonal mask (models that do not detect packing)
+                   dtype=torch.float32, # the mask's dtype (the model's)
+                  ) -> dict:
     "Right-padded packed rows: `input_ids`, `labels`, `position_ids` (pads count from 0 again); a 4-D mask if `block_mask`."
     n = _round_up(max(len(r["input_ids"]) for r in rows), pad_to_multiple_of)
     pos = pad([r["position_ids"] for r in rows], 0, n=n)

@@ -122,7 +122,10 @@ def _number(v, where, field):
     return float(v)
 
 # %% ../nbs/03_data.ipynb #70d3da1f
-def check_record(r, dataset_type:str, where:str) -> dict:
+def check_record(r, # one parsed JSON record
+                 dataset_type:str, # chat, pair_preferences, classification or sampling
+                 where:str, # "file:line", for the error
+                ) -> dict:
     "Validate one record of `dataset_type`; returns it normalized (string id, roles as `bot`), or raises `DataError`."
     if not isinstance(r, dict): raise DataError(f"{where}: expected a JSON object, got {_tname(r)}")
     keys = RECORD_KEYS[dataset_type]
@@ -164,7 +167,11 @@ def check_record(r, dataset_type:str, where:str) -> dict:
     return out
 
 # %% ../nbs/03_data.ipynb #78847f45
-def read_source(src:SourceSettings, dataset_type:str="chat", seed:int=0, notes:list=None) -> list:
+def read_source(src:SourceSettings, # one of the dataset's `sources`
+                dataset_type:str="chat", # how each record is checked
+                seed:int=0, # the sampling seed (`sample_rate`, `num_samples`)
+                notes:list=None, # collects one-line notes (e.g. num_samples larger than the source)
+               ) -> list:
     "The validated, sliced (`offset`, `n_rows`) and sampled records of one source."
     if src.records_path is not None:
         path = str(src.records_path)
@@ -369,7 +376,9 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
     return ds
 
 # %% ../nbs/03_data.ipynb #c5a7e002
-def chat_settings(path, max_tokens_count:int=256) -> dict:
+def chat_settings(path, # a chat JSONL file
+                  max_tokens_count:int=256, # the samples' token limit
+                 ) -> dict:
     "The guide's `dataset_settings` for a chat JSONL file, with the Llama-3 template and `only_answer_loss`."
     return {"sources": [{"name": Path(path).stem, "records_path": str(path), "sample_rate": 1}],
             "prompt_template": {"role_tag_mapping": LLAMA3.role_tag_mapping, "prefix_template": LLAMA3.prefix_template,

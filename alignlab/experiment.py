@@ -6,17 +6,15 @@
 __all__ = ['count_parameters', 'schedule', 'Plan', 'Experiment']
 
 # %% ../nbs/11_experiment.ipynb #aecdb7ba
-import json, math, time
+import math, time
 from pathlib import Path
-from typing import Optional, Literal, Any
-from pydantic import Field, model_validator
-from .settings import Settings, SettingsError, load_settings, one_line
+from .settings import SettingsError, load_settings
 from .data import DatasetSettings, PromptTemplateSettings
 from .models import (ModelSettings, TokenizerSettings, SpecialTokensSettings, LoraSettings, PrefixTuningSettings,
                              PromptTuningSettings, PTuningSettings, parse_model_settings, resolve_path)
 from .train import TrainerSettings, ClassificationLossSettings
 from .cherry_picks import CherryPickSettings
-from .recipes import RECIPES, recipe
+from .recipes import recipe
 from .run import ExperimentSettings, train
 from .templates import ChatTemplate
 

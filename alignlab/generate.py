@@ -83,7 +83,8 @@ class GenerationSettings(Settings):
     vllm_settings: dict = {}  # extra `vllm.SamplingParams` arguments (e.g. logprobs), used only with use_vllm
 
 # %% ../nbs/06_generate.ipynb #92681bf3
-def check_stop_strings(tokenizer, stops:list) -> list:
+def check_stop_strings(tokenizer, stops:list, # the guide's `stop_strings`
+                      ) -> list:
     "Raise a one-line `SettingsError` for a stop string `tokenizer` cannot express; returns `stops`."
     unk = tokenizer.unk_token_id
     for s in stops:
@@ -97,7 +98,9 @@ def check_stop_strings(tokenizer, stops:list) -> list:
 
 def _vocab_size(model) -> int: return model.get_input_embeddings().weight.shape[0]
 
-def check_prompt(ids, vocab_size:int):
+def check_prompt(ids, # a prompt's token ids
+                 vocab_size:int, # the model's embedding rows
+                ):
     "Raise `ValueError` when a prompt is empty or has a token id the model has no embedding for."
     if not len(ids): raise ValueError("empty prompt")
     bad = [int(t) for t in ids if not 0 <= int(t) < vocab_size]

@@ -59,7 +59,10 @@ def one_line(e:Exception, source=None) -> str:
         return f"{where}{loc + ': ' if loc and not msg.startswith(loc.split('.')[-1] + ':') else ''}{msg}{more}".replace("\n", " ")
     return f"{where}{e}".replace("\n", " ")
 
-def load_settings(cls, src, **kw):
+def load_settings(cls, # the settings class to build
+                  src, # a dict, an instance of `cls` (returned as is), or a JSON file path
+                  **kw, # keys that override `src`'s
+                 ):
     "Build settings `cls` from a dict, a settings object, or a JSON file path; errors are one-line `SettingsError`s."
     if isinstance(src, cls): return src
     source = None

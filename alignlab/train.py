@@ -7,10 +7,10 @@ __all__ = ['RENAMED', 'NOT_SUPPORTED', 'training_argument_fields', 'TrainerSetti
            'ClassificationTrainerSettings', 'fit']
 
 # %% ../nbs/08_train.ipynb #d2eda453
-import dataclasses, json, os, shutil, typing
+import json, os, shutil
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
-from pydantic import Field, ConfigDict, model_validator, field_validator
+from typing import ClassVar, Literal, Optional, Union
+from pydantic import Field, model_validator
 from .settings import MirrorSettings, Settings, SettingsError, check_config_value, config_fields, did_you_mean, load_settings
 from .checkpoints import RunDirError, _fsync, checkpoints, last_checkpoint
 
