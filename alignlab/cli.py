@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     q = sub.add_parser("quickstart", help="LoRA fine-tune the zoo's tiny Llama on the chat sample; write a run directory")
     q.add_argument("--run_dir", default=None, help="where to write (default: runs/quickstart-<time>)")
-    q.add_argument("--steps", type=int, default=400); q.add_argument("--lr", type=float, default=2e-3)
+    q.add_argument("--steps", type=int, default=400); q.add_argument("--lr", type=float, default=3e-3)
     q.add_argument("--seed", type=int, default=0); q.add_argument("--no_progress", action="store_true")
     q.set_defaults(func=_quickstart)
     z = sub.add_parser("zoo", help="the embedded default: list, build, show a card, print a path")

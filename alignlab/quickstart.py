@@ -26,7 +26,7 @@ def exact_match(preds:list, golds:list) -> float:
 # %% ../nbs/13_quickstart.ipynb #76f59662
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-def experiment(run_dir, steps:int=400, batch_size:int=16, lr:float=2e-3, r:int=16, max_tokens_count:int=256, seed:int=0):
+def experiment(run_dir, steps:int=400, batch_size:int=16, lr:float=3e-3, r:int=16, max_tokens_count:int=256, seed:int=0):
     "The quickstart's `Experiment` (not fitted yet)."
     from alignlab.experiment import Experiment
     data = zoo.get("chat")
@@ -58,7 +58,7 @@ def generations_html(rows:list, summary:dict) -> str:
 def quickstart(run_dir=None, # where to write (default: runs/quickstart-<time>)
                steps:int=400, # optimizer steps
                batch_size:int=16, # chats per step
-               lr:float=2e-3, # peak learning rate (cosine to a tenth); BENCHMARKS.md has why
+               lr:float=3e-3, # peak learning rate (cosine to a tenth); BENCHMARKS.md has why
                r:int=16, # LoRA rank (alpha = r), on all seven projections
                max_tokens_count:int=256, # the dataset's token limit
                seed:int=0, # the run's seed (LoRA init, data order)
@@ -115,7 +115,7 @@ def reward_model(run_dir, # where to write (the merged SFT model and the reward 
                  adapter, # the SFT adapter (a quickstart's `final/`)
                  steps:int=400, # full fine-tuning of the backbone and its one-output head
                  batch_size:int=16, # preference pairs per step
-                 lr:float=1e-4, # peak learning rate
+                 lr:float=2e-4, # peak learning rate
                  eval_steps:int=100, # held-out pair accuracy every this many steps
                  seed:int=0,
                  schedule:str="cosine", # the lr schedule (BENCHMARKS.md: a constant rate let accuracy fall late)
