@@ -332,4 +332,5 @@ class Experiment(_Plan):
     # -- running ---------------------------------------------------------------------------------------------------
     def fit(self, resume:bool=False, progress:bool=True, overwrite:bool=False) -> dict:
         "Train (`alignlab.run.train`); returns the summary (also in `run_dir/summary.json`). `resume=True` continues from the last complete checkpoint."
-        return train(self.settings(), resume=resume, overwrite=overwrite, progress=progress)
+        # the datasets plan() built (same settings, same tokenizer rules) are reused rather than tokenized again
+        return train(self.settings(), resume=resume, overwrite=overwrite, progress=progress, datasets=self._cache.get("ds"))

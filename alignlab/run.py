@@ -178,6 +178,7 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
           overwrite:bool=False, # start over in a run directory that already has checkpoints
           progress:bool=True, # the progress bar (and a live loss plot in Jupyter)
           callbacks=(), # more trainer callbacks
+          datasets:tuple=None, # (train, val) already built from these settings with this tokenizer (`Experiment.plan` keeps them)
          ) -> dict:
     "Train the experiment `settings` with its recipe; returns the summary (also in `run_dir/summary.json`)."
     import transformers
@@ -188,8 +189,10 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
     check_run_dir(run_dir)
     transformers.set_seed(s.seed)  # the adapter's initialization: same seed, same run, whichever door it came in by
     model, tok = load_model(s.model_settings, s.tokenizer_settings, s.special_tokens_settings)
-    train_ds = build_dataset(s.train_dataset_settings, tok, name="train")
-    val_ds = build_dataset(s.val_dataset_settings, tok, name="val") if s.val_dataset_settings else None
+    if datasets is not None: train_ds, val_ds = datasets  # tokenized once: a large dataset is not built again
+    else:
+        train_ds = build_dataset(s.train_dataset_settings, tok, name="train")
+        val_ds = build_dataset(s.val_dataset_settings, tok, name="val") if s.val_dataset_settings else None
     callbacks = list(callbacks)
     if s.cherry_pick_settings:
         from alignlab.trainers import CherryPickCallback

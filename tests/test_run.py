@@ -43,3 +43,23 @@ def test_every_door_reads_the_one_table():
     assert {r.command for r in RECIPES} <= commands
     assert {f"inference_{r.inference}" for r in RECIPES if r.inference} <= commands
     assert all(recipe(command=r.command) is r and recipe(dataset_type=r.dataset_type).dataset_type == r.dataset_type for r in RECIPES)
+
+
+def test_fit_reuses_the_planned_datasets_and_trains_the_same(tmp_path, monkeypatch):
+    """plan() tokenizes once; fit() trains on those datasets, with the same adapter as a fit that builds its own."""
+    import torch
+    torch.set_num_threads(1)
+    import alignlab.data
+    from alignlab.quickstart import experiment
+    planned = experiment(tmp_path / "a", steps=4)
+    planned.plan()
+    ds = planned._cache["ds"]
+    builds = []
+    real = alignlab.data.build_dataset  # run.train imports it from alignlab.data when it runs
+    monkeypatch.setattr(alignlab.data, "build_dataset", lambda *a, **k: builds.append(k.get("name")) or real(*a, **k))
+    a = planned.fit(progress=False)
+    assert builds == []  # negative control below: a fit without plan() builds its own
+    assert a["train_samples"] == len(ds[0])
+    experiment(tmp_path / "b", steps=4).fit(progress=False)
+    assert builds[:1] == ["train"]
+    assert _same(_adapter(tmp_path / "a"), _adapter(tmp_path / "b"))
