@@ -35,7 +35,9 @@ def _wait_http(url, proc, timeout):
 
 # %% ../nbs/90_browser.ipynb #33377a59
 @contextlib.contextmanager
-def serve_panel(app:str, timeout:float=90):
+def serve_panel(app:str, # a Panel app file, or its source code (written to a temporary app.py)
+                timeout:float=90, # seconds to wait for the server to answer HTTP 200 before `TimeoutError`
+               ):
     "Run `panel serve` on the app file (or app source code) `app` on 127.0.0.1; yields the app's URL."
     tmp = None
     if not Path(app).exists() or "\n" in app:
@@ -55,7 +57,9 @@ def serve_panel(app:str, timeout:float=90):
         if tmp: tmp.cleanup()
 
 @contextlib.contextmanager
-def browser_page(width:int=1200, height:int=800):
+def browser_page(width:int=1200, # the viewport width in CSS pixels
+                 height:int=800, # the viewport height in CSS pixels
+                ):
     "A Playwright page in headless system Chromium."
     from playwright.sync_api import sync_playwright
     exe = chromium_path()

@@ -21,7 +21,9 @@ def _fsync(path:Path, is_dir=False):
     except OSError: pass  # some filesystems refuse fsync on directories
     finally: os.close(fd)
 
-def mark_complete(ckpt, step:int):
+def mark_complete(ckpt, # the checkpoint directory, already fully written
+                  step:int, # the training step it holds (recorded in the marker)
+                 ):
     "Flush every file of `ckpt` to disk, then atomically write its completion marker."
     ckpt = Path(ckpt)
     files = {}
@@ -32,7 +34,8 @@ def mark_complete(ckpt, step:int):
     with open(tmp, "w") as f: json.dump({"step": step, "files": files}, f); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, ckpt/MARKER); _fsync(ckpt, is_dir=True)
 
-def is_complete(ckpt) -> bool:
+def is_complete(ckpt, # a checkpoint directory
+               ) -> bool:
     "Whether `ckpt` has its marker and every file the marker lists, at its recorded size."
     ckpt = Path(ckpt)
     try: info = json.loads((ckpt/MARKER).read_text())
@@ -43,19 +46,25 @@ def _step(p:Path):
     try: return int(p.name.split("-", 1)[1]) if p.name.startswith("checkpoint-") and p.is_dir() else None
     except ValueError: return None
 
-def checkpoints(run_dir, complete:bool=True) -> list:
+def checkpoints(run_dir, # the run directory (checkpoints live in its `trainer/`)
+                complete:bool=True, # only those with a valid marker; False: every `checkpoint-N` directory
+               ) -> list:
     "`run_dir/trainer/checkpoint-N` directories by step (only complete ones unless `complete=False`)."
     d = Path(run_dir)/"trainer"
     if not d.is_dir(): return []
     cks = sorted((p for p in d.iterdir() if _step(p) is not None), key=_step)
     return [p for p in cks if is_complete(p)] if complete else cks
 
-def last_checkpoint(run_dir) -> Optional[Path]:
+def last_checkpoint(run_dir, # the run directory (checkpoints live in its `trainer/`)
+                   ) -> Optional[Path]:
     "The newest complete checkpoint under `run_dir/trainer`, or None."
     cks = checkpoints(run_dir)
     return cks[-1] if cks else None
 
-def rotate_checkpoints(run_dir, limit:Optional[int], keep=None) -> list:
+def rotate_checkpoints(run_dir, # the run directory (checkpoints live in its `trainer/`)
+                       limit:Optional[int], # how many of the newest complete checkpoints to keep; None or 0: keep them all
+                       keep=None, # a checkpoint never deleted (e.g. the best one), or None
+                      ) -> list:
     "Delete all but the newest `limit` complete checkpoints (and `keep`), and incomplete ones older than the newest complete."
     cks, done = checkpoints(run_dir, complete=False), checkpoints(run_dir)
     if not done: return []
@@ -73,7 +82,9 @@ class RunDirError(SettingsError):
 
 def _size(n): return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
 
-def check_run_dir(run_dir, need_bytes:int=64 * 2**20) -> int:
+def check_run_dir(run_dir, # the run directory; created (with parents) if missing
+                  need_bytes:int=64 * 2**20, # free disk the run needs (checkpoints, final model); default 64 MiB
+                 ) -> int:
     "Create `run_dir`, check it is writable and has `need_bytes` free; returns the free bytes or raises `RunDirError`."
     p = Path(run_dir)
     try:

@@ -129,7 +129,9 @@ def _clean(v):
     if isinstance(v, float) and not math.isfinite(v): return None
     return v
 
-def append_records(path, records:list) -> int:
+def append_records(path, # the JSONL store (created with its parents if missing)
+                   records:list, # JSON-able dicts; numpy scalars become Python, NaN/inf become null
+                  ) -> int:
     "Append `records` to the JSONL store at `path`, one atomic line each; returns the number written."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -150,7 +152,8 @@ class StoreRecords(list):
     "The records of a review store (a list), with `skipped`: the number of torn or unreadable lines left out."
     skipped: int = 0
 
-def read_review_store(run_dir) -> StoreRecords:
+def read_review_store(run_dir, # a run directory (its `cherry_picks.jsonl` is read) or a JSONL file
+                     ) -> StoreRecords:
     "Every complete record of `run_dir/cherry_picks.jsonl` (or of the JSONL file given), in order; torn lines are skipped and counted."
     p = Path(run_dir); p = p / STORE_NAME if p.is_dir() else p
     out = StoreRecords()
@@ -176,8 +179,18 @@ def _ref_logprobs(policy, ref, prompts, answers, pad_id, batch):
     with policy.disable_adapter(): return answer_logprobs(policy, prompts, answers, pad_id, batch)
 
 # %% ../nbs/08a_cherry_picks.ipynb #f073eed1
-def compute_metrics(metric_settings:list, prompts:list, answers:list, labels:list, tokenizer, *, model=None, chats:list=None,
-                    ref_models:dict=None, reward:dict=None, batch_size:int=8) -> tuple:
+def compute_metrics(metric_settings:list, # the guide's `metric_settings`: `MetricSettings` or dicts (`type`, `parameters`)
+                    prompts:list, # per prompt, its token ids (kl scores the answers after them)
+                    answers:list, # per prompt, `generate`'s answers (`content`, `answer_token_ids`, `sequence_score`)
+                    labels:list, # per prompt, the reference bot message `{role, content}` or None (accuracy, rouge)
+                    tokenizer, # the policy's tokenizer: its pad id, and eos/pad stripped before exact match
+                    *,
+                    model=None, # the policy; needed by `kl`
+                    chats:list=None, # per prompt, its messages; `reward` scores them with the answer appended
+                    ref_models:dict=None, # `{"reference"|"sft": model}` for `kl`; None: a PEFT policy with its adapter off
+                    reward:dict=None, # `{model, tokenizer, template, max_tokens_count}` for the `reward` metric, or None
+                    batch_size:int=8, # rows per forward for kl's log-probs
+                   ) -> tuple:
     "`(values, averages, skipped)`: `values[i][j]` the metrics of answer j to prompt i, `averages` the dataset means to log."
     ms = [load_settings(MetricSettings, m) for m in metric_settings]
     pad = tokenizer.pad_token_id
@@ -278,7 +291,8 @@ class CherryPicks:
                                       "or give parameters.model_settings")
             self.reward = {"model": model.eval(), "tokenizer": rtok, "template": tpl, "max_tokens_count": mtc}
 
-    def attach(self, trainer):
+    def attach(self, trainer, # the HF `Trainer` that logs the averages; kl checks its model for an adapter
+              ):
         "Let the callback log through `trainer` (the trainer factory calls this)."
         self.trainer = trainer
         kl = [m for m in self.settings.metric_settings if m.type == "kl"]
@@ -288,7 +302,9 @@ class CherryPicks:
                                     "to the callback, or train a PEFT adapter (its base model is then the reference)")
         return self
 
-    def run(self, model, step:int=0) -> dict:
+    def run(self, model, # the policy to generate with (put in eval mode, then back)
+            step:int=0, # the training step recorded with every stored record
+           ) -> dict:
         "Generate, score, store; returns the averages to log (`cherry_pick/<dataset>/<metric>`)."
         st, tok = self.settings, self.tokenizer
         was_training = model.training; model.eval()
@@ -315,7 +331,12 @@ class CherryPicks:
         self.history.append({"step": step, **logs})
         return logs
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
+    def on_evaluate(self, args, # the `TrainingArguments` (unused)
+                    state, # the `TrainerState`: runs on the main process only, once per `global_step`
+                    control, # the `TrainerControl` (unused)
+                    model=None, # the policy being trained; None: nothing runs
+                    **kwargs,
+                   ):
         if not state.is_world_process_zero or model is None or self._last_step == state.global_step: return
         self._last_step = state.global_step
         logs = self.run(model, state.global_step)

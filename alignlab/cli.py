@@ -94,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_docs)
     return p
 
-def main(argv=None):
+def main(argv=None, # the arguments after `alignlab`; None: `sys.argv[1:]`
+        ):
     "Entry point of the `alignlab` command."
     a = parser().parse_args(argv)
     if not getattr(a, "func", None): parser().print_help(); return 0

@@ -35,7 +35,11 @@ def pad(seqs:list, # id lists (or 1-D arrays) of any lengths
         else: out[i, n - len(s):] = s
     return torch.from_numpy(out)
 
-def pad_batch(seqs:list, pad_id:int, side:Literal["right", "left"]="right", multiple_of:Optional[int]=None) -> tuple:
+def pad_batch(seqs:list, # id lists (or 1-D arrays) of any lengths
+              pad_id:int, # the tokenizer's pad id
+              side:Literal["right", "left"]="right", # "left": every row ends in the last column (prompts to generate from)
+              multiple_of:Optional[int]=None, # round the width up (8 or 64 for tensor cores); None: the longest row
+             ) -> tuple:
     "`(input_ids, attention_mask)`: `seqs` padded with `pad_id` on `side`, and a mask of 1 where a token is."
     n = _round_up(max((len(s) for s in seqs), default=0), multiple_of)
     return pad(seqs, pad_id, side, n), pad([np.ones(len(s), np.int64) for s in seqs], 0, side, n)
@@ -71,8 +75,9 @@ class PairCollator:
                 "margin": torch.tensor([float(v) if v is not None else 0.0 for v in m]) if any(v is not None for v in m) else None}
 
 # %% ../nbs/04_collate.ipynb #7bcf6abc
-def batched_logits(model, seqs:list, # id lists, scored whole
-                   pad_id:int,
+def batched_logits(model, # a causal LM (its first parameter's device is used)
+                   seqs:list, # id lists, scored whole
+                   pad_id:int, # the tokenizer's pad id (right padding, masked out)
                    batch:int=16, # rows per forward
                   ) -> list:
     "Logits (float32, on CPU) of each id list in `seqs`, in order; right-padded batches of similar length, no grad."
@@ -94,7 +99,10 @@ def token_logprobs(logits, # (batch, T, vocab): position t predicts token t + 1
     "`log p(targets[b, t] | ...)` from `logits[b, t]`, in float32; differentiable."
     return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-def answer_logprobs(model, prompts:list, answers:list, pad_id:int=0,
+def answer_logprobs(model, # a causal LM (its first parameter's device is used)
+                    prompts:list, # per row, the prompt's token ids (non-empty where the answer is not)
+                    answers:list, # per row, the answer's token ids to score; empty: an empty array
+                    pad_id:int=0, # the tokenizer's pad id (left padding, masked out)
                     batch_size:Optional[int]=None, # at most this many rows per forward (default: as many as `budget` allows)
                     budget:int=2**26, # at most this many logit floats per forward (rows x (A + 1) x vocab)
                     reduce:Optional[Literal["sum"]]=None, # "sum": one float per answer (a sequence score) instead of the per-token array
@@ -145,7 +153,8 @@ def pack(lengths, # the samples' token counts
     return bins
 
 def fill_ratio(bins:list, # `pack`'s bins of sample indices
-               lengths, max_tokens:int, # as given to `pack`
+               lengths, # the samples' token counts, as given to `pack`
+               max_tokens:int, # a row's capacity, as given to `pack`
               ) -> float:
     "Share of the `len(bins) * max_tokens` token slots that hold sample tokens."
     return float(sum(int(lengths[i]) for b in bins for i in b)) / max(1, len(bins) * max_tokens)
@@ -196,7 +205,7 @@ class PackedDataset:
 
 # %% ../nbs/04_collate.ipynb #930652e1
 def packed_collate(rows:list, # `PackedDataset` rows: `input_ids`, `labels`, `position_ids`
-                   pad_id:int,
+                   pad_id:int, # the tokenizer's pad id (`labels` are padded with IGNORE_INDEX)
                    pad_to_multiple_of:Optional[int]=None, # round the width up
                    block_mask:bool=False, # also build the 4-D block-diagonal mask (models that do not detect packing)
                    dtype=torch.float32, # the mask's dtype (the model's)
@@ -210,7 +219,9 @@ def packed_collate(rows:list, # `PackedDataset` rows: `input_ids`, `labels`, `po
     if block_mask: out["attention_mask"] = block_causal_mask(out["position_ids"], dtype)
     return out
 
-def block_causal_mask(position_ids, dtype=torch.float32):
+def block_causal_mask(position_ids, # (batch, n) positions; each 0 starts a new segment (sample)
+                      dtype=torch.float32, # the mask's float dtype (the model's); blocked entries get its minimum
+                     ):
     "Additive 4-D mask (batch, 1, n, n): causal within each segment (a segment starts where `position_ids` is 0), blocked across."
     seg = (position_ids == 0).cumsum(-1)
     n = position_ids.shape[-1]
@@ -238,7 +249,10 @@ class Collator:
                                 f"pad_to_multiple_of={self.pad_to_multiple_of}, block_mask={self.block_mask})")
 
 # %% ../nbs/04_collate.ipynb #749f34d1
-def per_sample_loss(logits, labels, spans) -> list:
+def per_sample_loss(logits, # (batch, n, vocab) logits of packed rows
+                    labels, # (batch, n) target ids; IGNORE_INDEX carries no loss
+                    spans, # `(row, start, length)` of each sample in the batch
+                   ) -> list:
     "Summed next-token loss of each `(row, start, length)` span of a batch; labels are shifted inside the span."
     out = []
     for r, s, l in spans:

@@ -278,7 +278,9 @@ class ChatDataset:
     def __getitem__(self, k):
         i = int(self.rows[k]); r = self.records[i]
         return {"id": r["id"], **self._inputs(i)}
-    def sample(self, k:int, **kw) -> Sample:
+    def sample(self, k:int, # the dataset index (a kept sample, as in `ds[k]`)
+               **kw,
+              ) -> Sample:
         "Sample `k` as a `templates.Sample` (re-encoded with the same options, overridable), to show itself."
         i = int(self.rows[k])
         return encode(self.template, self.tokenizer, self.records[i]["messages"], **{**self.options, "seed": _seed(self.options.get("seed", 0), self.records[i]["id"]), **kw})
@@ -292,7 +294,10 @@ class PairPreferenceDataset(ChatDataset):
     def __getitem__(self, k):
         i = int(self.rows[k]); r = self.records[i]
         return {"id": r["id"], "inputs_w": self._inputs(i), "inputs_l": self._inputs(i, self.store_l), "precomputed_margin": r.get("precomputed_margin")}
-    def sample(self, k:int, side:str="w", **kw) -> Sample:
+    def sample(self, k:int, # the dataset index (a kept pair, as in `ds[k]`)
+               side:str="w", # "w": the context with the chosen answer; "l": with the rejected one
+               **kw,
+              ) -> Sample:
         r = self.records[int(self.rows[k])]
         return encode(self.template, self.tokenizer, _pair_chat(r, side), **{**self.options, **kw})
 

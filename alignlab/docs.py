@@ -10,14 +10,16 @@ import html, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 # %% ../nbs/91_docs.ipynb #6b33aad1
-def repo_root(start=None) -> Path:
+def repo_root(start=None, # where to start searching upwards; None: the working directory
+             ) -> Path:
     "The folder holding `settings.ini`, searching upwards from `start` (default: the working directory)."
     p = Path(start or Path.cwd()).resolve()
     for q in [p, *p.parents]:
         if (q/"settings.ini").exists(): return q
     raise FileNotFoundError(f"no settings.ini in {p} or above: run this inside the alignlab repository")
 
-def sidebar(root=None) -> list:
+def sidebar(root=None, # the repository or a folder inside it; None: found from the working directory
+           ) -> list:
     "The sidebar of `_quarto.yml` as (section, notebook) pairs, in order."
     import yaml
     cfg = yaml.safe_load((repo_root(root)/"_quarto.yml").read_text())
@@ -83,7 +85,8 @@ _DIRECTIVE = re.compile(r"^\s*#\s?\|.*$\n?", re.M)
 _PANDOC_ATTRS = re.compile(r"\{(?:target|style|\.)[^}]*\}")
 
 # %% ../nbs/91_docs.ipynb #950cddd9
-def quarto_like(nb):
+def quarto_like(nb, # a processed notebook (nbformat node); copied, not changed
+               ):
     "Apply what Quarto would: drop the frontmatter cell, hide `echo: false` inputs, hide `#|` directives, drop pandoc attributes."
     import copy
     nb = copy.deepcopy(nb)
@@ -102,7 +105,12 @@ def quarto_like(nb):
     nb.cells = cells
     return nb
 
-def render_nbconvert(proc:Path, out:Path, entries:list, css:str="", site_url:str=None) -> list:
+def render_nbconvert(proc:Path, # the folder of nbdev's processed notebooks (`_proc`)
+                     out:Path, # the folder the HTML pages are written to (created if missing)
+                     entries:list, # `(section, notebook)` pairs, as `sidebar` returns them
+                     css:str="", # extra CSS put in every page (the docs' styles.css)
+                     site_url:str=None, # nbdev's absolute doc-link prefix, made relative; None: links kept as they are
+                    ) -> list:
     "Render the processed notebooks of `entries` from `proc` to HTML pages in `out`; returns the pages written."
     import nbformat
     from nbconvert import HTMLExporter
@@ -132,7 +140,9 @@ def render_nbconvert(proc:Path, out:Path, entries:list, css:str="", site_url:str
     return pages
 
 # %% ../nbs/91_docs.ipynb #d1ed9210
-def page_name(nb:str, root=None) -> str:
+def page_name(nb:str, # a sidebar entry: the notebook's path relative to `nbs/`
+              root=None, # the repository or a folder inside it; None: found from the working directory
+             ) -> str:
     "The HTML page a sidebar notebook renders to (its `output-file`, as Quarto names it)."
     import nbformat
     if nb not in _pages:
@@ -142,7 +152,9 @@ def page_name(nb:str, root=None) -> str:
         _pages[nb] = fm.get("output-file", Path(nb).with_suffix(".html").name)
     return _pages[nb]
 
-def render_site(root=None, force_fallback:bool=False) -> Path:
+def render_site(root=None, # the repository or a folder inside it; None: found from the working directory
+                force_fallback:bool=False, # use nbconvert even where Quarto is installed
+               ) -> Path:
     "Render the docs site into `_docs/` (Quarto via `nbdev_docs` when installed, else nbconvert); returns the folder."
     root = repo_root(root)
     cwd = os.getcwd(); os.chdir(root)
@@ -161,7 +173,8 @@ def render_site(root=None, force_fallback:bool=False) -> Path:
     finally: os.chdir(cwd)
 
 # %% ../nbs/91_docs.ipynb #98336012
-def readme_text(root=None) -> str:
+def readme_text(root=None, # the repository or a folder inside it; None: found from the working directory
+               ) -> str:
     "README.md's text, rendered from the processed `nbs/index.ipynb`."
     import nbformat
     from nbconvert import MarkdownExporter
@@ -180,7 +193,8 @@ def readme_text(root=None) -> str:
     note = "<!-- generated from nbs/index.ipynb by `alignlab docs --readme`: edit the notebook, not this file -->\n\n"
     return note + head + re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
 
-def write_readme(root=None) -> Path:
+def write_readme(root=None, # the repository or a folder inside it; None: found from the working directory
+                ) -> Path:
     "Write README.md from `nbs/index.ipynb` (the same renderer everywhere, so the committed file can be checked)."
     root = repo_root(root)
     (root/"README.md").write_text(readme_text(root))

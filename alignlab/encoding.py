@@ -15,7 +15,10 @@ from .templates import (ChatTemplate, IGNORE_INDEX, TruncationError, allowed_end
 class TokenStore:
     "Token ids (int32) and loss mask (uint8) of many samples, stored in chunks."
     def __init__(self): self.ids, self.mask, self.starts, self.ptrs = [], [], [], []; self.n = 0
-    def add(self, ids, mask, lens):
+    def add(self, ids, # the chunk's token ids, all samples concatenated (stored as int32)
+            mask, # the chunk's loss mask, aligned with `ids` (1: the token carries loss)
+            lens, # each sample's token count, in order (0 for a dropped sample)
+           ):
         ptr = np.zeros(len(lens) + 1, np.int64); np.cumsum(lens, out=ptr[1:])
         self.ids.append(np.ascontiguousarray(ids, np.int32)); self.mask.append(np.ascontiguousarray(mask, np.uint8))
         self.ptrs.append(ptr); self.starts.append(self.n); self.n += len(lens)
@@ -29,14 +32,25 @@ class TokenStore:
     def nbytes(self): return sum(a.nbytes for a in self.ids + self.mask + self.ptrs)
     def n_tokens(self): return int(sum(len(a) for a in self.ids))
     def n_loss(self): return int(sum(int(m.sum()) for m in self.mask))
-    def count_loss_id(self, tid): return int(sum(int(np.count_nonzero(a[m.astype(bool)] == tid)) for a, m in zip(self.ids, self.mask)))
+    def count_loss_id(self, tid, # a token id; counted where it carries loss
+                     ): return int(sum(int(np.count_nonzero(a[m.astype(bool)] == tid)) for a, m in zip(self.ids, self.mask)))
 
 def _seed(seed, rid): return seed * 1_000_003 + zlib.crc32(str(rid).encode())
 
 # %% ../nbs/02a_encoding.ipynb #1de9ea66
-def encode_chats(tpl:ChatTemplate, tokenizer, chats:list, max_tokens_count:int=None, only_answer_loss:bool=True,
-                 only_last_replica_loss:bool=False, keep_end:bool=False, inference:bool=False, ends_on_bot:bool=True,
-                 random_cut:bool=False, seeds:list=None, chunk_size:int=256):
+def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered with
+                 tokenizer, # the model's tokenizer; fast: batched, slow: one chat at a time by `encode`
+                 chats:list, # the chats: lists of message dicts (role, content, optional disable_loss)
+                 max_tokens_count:int=None, # truncate to whole messages within this many tokens (None: no limit)
+                 only_answer_loss:bool=True, # loss on bot turns only (else on every turn)
+                 only_last_replica_loss:bool=False, # loss on the last trained bot turn only
+                 keep_end:bool=False, # truncate from the start (keeping a leading system prompt) instead of the end
+                 inference:bool=False, # prompts: stop before the last bot turn, add the bot prefix, no loss
+                 ends_on_bot:bool=True, # a training sample must end with a bot turn (False: classification, sampling)
+                 random_cut:bool=False, # inference only: prompt at a random allowed turn, seeded per chat by `seeds`
+                 seeds:list=None, # per chat, the seed of its random cut (None: 0 for all)
+                 chunk_size:int=256, # chats per tokenizer batch (and per store chunk)
+                ):
     "Encode many chats; returns `(store, kept, status)`: store row i is chat i (empty if dropped), `status[i]` is 'ok', 'truncated' or the drop reason."
     n = len(chats); fast = bool(getattr(tokenizer, "is_fast", False))
     front, back = special_edges(tokenizer)

@@ -19,7 +19,9 @@ from .run import ExperimentSettings, train
 from .templates import ChatTemplate
 
 # %% ../nbs/11_experiment.ipynb #42490c1e
-def count_parameters(ms:ModelSettings, n_new_tokens:int=0) -> tuple:
+def count_parameters(ms:ModelSettings, # the model settings (its config is read; no weights)
+                     n_new_tokens:int=0, # embedding rows `load_model` will add for new tokens
+                    ) -> tuple:
     "(trainable, total) parameters for `model_settings`, counted on the meta device (no weights are read)."
     import torch, transformers
     from alignlab.models import peft_config, _auto_class
@@ -39,7 +41,10 @@ def count_parameters(ms:ModelSettings, n_new_tokens:int=0) -> tuple:
     return n, n
 
 # %% ../nbs/11_experiment.ipynb #96f3b011
-def schedule(ts:TrainerSettings, n_rows:int, world_size:int=1) -> dict:
+def schedule(ts:TrainerSettings, # the trainer settings (batch size, accumulation, epochs or max_steps, warmup, ...)
+             n_rows:int, # training rows per epoch (samples, or packed rows)
+             world_size:int=1, # processes training together (data parallel)
+            ) -> dict:
     "Steps, epochs, warmup, evaluation and saving of a run on `n_rows` training rows."
     a = ts.to_training_arguments("/tmp/alignlab-plan")
     per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world_size
@@ -111,7 +116,8 @@ class _Doors:
 
     # -- the two doors ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, src) -> "Experiment":
+    def from_settings(cls, src, # the guide's train JSON: a path, a dict or an `ExperimentSettings`
+                     ) -> "Experiment":
         "An `Experiment` from the guide's JSON (a path, a dict or an `ExperimentSettings`)."
         s = load_settings(ExperimentSettings, src)
         e = cls(); e._d = s.to_json(); e._explicit_type = s.model_settings.model_type
@@ -138,17 +144,22 @@ class _Doors:
 # %% ../nbs/11_experiment.ipynb #e11c0001
 class _ModelChain(_Doors):
     "The chain's model calls: run directory, seed, model, tokenizer, special and new tokens, PEFT."
-    def run_dir(self, path) -> "Experiment":
+    def run_dir(self, path, # the run directory (created when training starts)
+               ) -> "Experiment":
         "Where checkpoints, logs and the final model go (the guide's `log_path`)."
         return self._set(log_path=str(path))
 
-    def seed(self, seed:int) -> "Experiment": return self._set(seed=int(seed))
+    def seed(self, seed:int, # the run's seed (adapter initialization, data order)
+            ) -> "Experiment": return self._set(seed=int(seed))
 
     def _model(self, ms:dict, **parts) -> "Experiment":
         m = parse_model_settings(ms)
         return self._set(model_settings=m.model_dump(mode="json", exclude_unset=True, by_alias=False) | {"model_type": m.model_type}, **parts)
 
-    def model(self, model_path:str="tiny-llama", model_type:str=None, **kw) -> "Experiment":
+    def model(self, model_path:str="tiny-llama", # a local Hugging Face model directory or a zoo model name
+              model_type:str=None, # 'causal' or 'seq_cls'; None: what the dataset trains
+              **kw,
+             ) -> "Experiment":
         "The guide's `model_settings` (`model_type` defaults to what the dataset trains: causal for chat, seq_cls otherwise)."
         keep = {k: v for k, v in self._d.get("model_settings", {}).items() if k in ("peft_settings", "embeddings_initialization_strategy")}
         ms = {**keep, "model_path": str(model_path), **kw}
@@ -177,7 +188,8 @@ class _ModelChain(_Doors):
         "The guide's `special_tokens_settings`."
         return self._set(special_tokens_settings=load_settings(SpecialTokensSettings, kw).model_dump(mode="json", exclude_unset=True))
 
-    def new_tokens(self, strategy:dict) -> "Experiment":
+    def new_tokens(self, strategy:dict, # new token -> the token or text whose mean embedding it starts from
+                  ) -> "Experiment":
         "The guide's `embeddings_initialization_strategy`: new token -> the token or text its embedding starts from."
         return self._with_model(embeddings_initialization_strategy=dict(strategy))
 
@@ -188,7 +200,12 @@ class _ModelChain(_Doors):
         ps = load_settings(_PEFT[name], {"name": name, **kw})
         return self._with_model(peft_settings=ps.model_dump(mode="json", exclude_unset=True) | {"name": name})
 
-    def lora(self, r:int=16, lora_alpha:int=None, lora_dropout:float=0.0, target_modules=None, **kw) -> "Experiment":
+    def lora(self, r:int=16, # the rank of the low-rank updates
+             lora_alpha:int=None, # the scaling numerator (updates are scaled by alpha / r); None: `r`
+             lora_dropout:float=0.0, # dropout on the LoRA input
+             target_modules=None, # module names to adapt; None: PEFT's default for the architecture
+             **kw,
+            ) -> "Experiment":
         "Train a LoRA adapter (the guide's `peft_settings` with `name: LORA`); `lora_alpha` defaults to `r`."
         kw = {"r": r, "lora_alpha": lora_alpha or r, "lora_dropout": lora_dropout, **({"target_modules": target_modules} if target_modules else {}), **kw}
         return self._peft("LORA", kw)
@@ -221,15 +238,27 @@ class _TrainChain(_ModelChain):
             parts["model_settings"] = m.model_dump(mode="json", exclude_unset=True, by_alias=False) | {"model_type": m.model_type}
         return self._set(**parts)
 
-    def chat_dataset(self, train="chat", val=None, template=None, **kw) -> "Experiment":
+    def chat_dataset(self, train="chat", # a JSONL path, inline records, a source dict, or a zoo dataset name
+                     val=None, # the same kinds, for validation; None: the zoo dataset's val split, else none
+                     template=None, # a `ChatTemplate` or prompt_template dict; None: the settings' default
+                     **kw,
+                    ) -> "Experiment":
         "Train SFT on a chat dataset (a path, inline records, a source dict or a zoo name, which brings its val split); keys of the guide's `dataset_settings` as keywords."
         return self._dataset("chat", train, val, template, **kw)
 
-    def classification_dataset(self, train="classification", val=None, template=None, **kw) -> "Experiment":
+    def classification_dataset(self, train="classification", # a JSONL path, inline records, a source dict, or a zoo dataset name
+                               val=None, # the same kinds, for validation; None: the zoo dataset's val split, else none
+                               template=None, # a `ChatTemplate` or prompt_template dict; None: the settings' default
+                               **kw,
+                              ) -> "Experiment":
         "Train a classifier on a classification dataset."
         return self._dataset("classification", train, val, template, **kw)
 
-    def preference_dataset(self, train="preferences", val=None, template=None, **kw) -> "Experiment":
+    def preference_dataset(self, train="preferences", # a JSONL path, inline records, a source dict, or a zoo dataset name
+                           val=None, # the same kinds, for validation; None: the zoo dataset's val split, else none
+                           template=None, # a `ChatTemplate` or prompt_template dict; None: the settings' default
+                           **kw,
+                          ) -> "Experiment":
         "Train a reward model on a pair_preferences dataset."
         return self._dataset("pair_preferences", train, val, template, **kw)
 
@@ -241,15 +270,20 @@ class _TrainChain(_ModelChain):
         if loss is not None: parts["loss_settings"] = load_settings(ClassificationLossSettings, loss).model_dump(mode="json", exclude_unset=True)
         return self._set(**parts)
 
-    def focal_loss(self, alpha=None, gamma:float=2.0) -> "Experiment":
+    def focal_loss(self, alpha=None, # per-class weights (a list), 'auto' (from label counts), or None (unweighted)
+                   gamma:float=2.0, # the focusing exponent; 0 is plain cross-entropy
+                  ) -> "Experiment":
         "Classification: focal loss with class weights `alpha` (a list or `'auto'`) and focusing `gamma`."
         return self._set(loss_settings=load_settings(ClassificationLossSettings, {"alpha": alpha, "gamma": gamma}).model_dump(mode="json", exclude_unset=True))
 
-    def packing(self, on:bool=True) -> "Experiment":
+    def packing(self, on:bool=True, # pack (True) or one chat per row (False)
+               ) -> "Experiment":
         "SFT: pack several chats per row (no attention across them)."
         return self._set(packing=bool(on))
 
-    def cherry_picks(self, settings=None, **kw) -> "Experiment":
+    def cherry_picks(self, settings=None, # `cherry_pick_settings` as a dict, JSON path or object; None: the keywords
+                     **kw,
+                    ) -> "Experiment":
         "The guide's `cherry_pick_settings` (a dict / path / object, or its keys as keywords)."
         src = settings if settings is not None else kw
         return self._set(cherry_pick_settings=load_settings(CherryPickSettings, src).model_dump(mode="json", exclude_unset=True))
@@ -330,7 +364,10 @@ class Experiment(_Plan):
         except ImportError: print(self.plan())
 
     # -- running ---------------------------------------------------------------------------------------------------
-    def fit(self, resume:bool=False, progress:bool=True, overwrite:bool=False) -> dict:
+    def fit(self, resume:bool=False, # continue from the last complete checkpoint in the run directory
+            progress:bool=True, # the progress bar (and a live loss plot in Jupyter)
+            overwrite:bool=False, # start over in a run directory that already has checkpoints
+           ) -> dict:
         "Train (`alignlab.run.train`); returns the summary (also in `run_dir/summary.json`). `resume=True` continues from the last complete checkpoint."
         # the datasets plan() built (same settings, same tokenizer rules) are reused rather than tokenized again
         return train(self.settings(), resume=resume, overwrite=overwrite, progress=progress, datasets=self._cache.get("ds"))

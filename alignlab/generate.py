@@ -83,7 +83,8 @@ class GenerationSettings(Settings):
     vllm_settings: dict = {}  # extra `vllm.SamplingParams` arguments (e.g. logprobs), used only with use_vllm
 
 # %% ../nbs/06_generate.ipynb #92681bf3
-def check_stop_strings(tokenizer, stops:list, # the guide's `stop_strings`
+def check_stop_strings(tokenizer, # the tokenizer each stop string is encoded and decoded with
+                       stops:list, # the guide's `stop_strings`
                       ) -> list:
     "Raise a one-line `SettingsError` for a stop string `tokenizer` cannot express; returns `stops`."
     unk = tokenizer.unk_token_id
@@ -127,8 +128,15 @@ def _cut(tokenizer, gen:list, eos:set, stops:list):
         if len(tokenizer.decode(gen[:k], skip_special_tokens=False)) >= end: return k, pos
     return n, pos
 
-def finish_answer(tokenizer, prompt:list, gen:list, eos:set, stops:list, skip_special_tokens:bool=True, remove_prompt:bool=True,
-                  pad_id:int=None) -> dict:
+def finish_answer(tokenizer, # decodes the answer (and the prompt, unless `remove_prompt`)
+                  prompt:list, # the prompt's token ids
+                  gen:list, # the generated token ids after the prompt
+                  eos:set, # ids that end an answer (kept in `answer_token_ids`, never in `content`)
+                  stops:list, # stop strings: the answer ends at the first one found (the text cut before it)
+                  skip_special_tokens:bool=True, # drop special tokens from `content`
+                  remove_prompt:bool=True, # `content` is the answer alone; False: the decoded prompt + the answer
+                  pad_id:int=None, # trailing ids dropped first (unless they are eos); None: none
+                 ) -> dict:
     "`{content, answer_token_ids}` for generated ids `gen` (trailing `pad_id`s, as batched generation leaves them, are dropped)."
     gen = [int(t) for t in gen]
     if pad_id is not None and pad_id not in eos:
@@ -156,7 +164,8 @@ def _batches(prompts:list, batch:int):
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
-def generate(model, tokenizer,
+def generate(model, # a causal LM (put in eval mode while generating, then back)
+             tokenizer, # its tokenizer (pad, eos and stop strings)
              prompts:list, # token-id lists (e.g. an inference dataset's `input_ids`)
              transformers_settings=None, # the guide's `transformers_settings` (any GenerationConfig field)
              custom_settings=None, # the guide's `custom_settings`: batch, skip_special_tokens, remove_prompt
@@ -194,7 +203,8 @@ def generate(model, tokenizer,
     return out
 
 # %% ../nbs/06_generate.ipynb #12317424
-def prompt_ids(dataset) -> list:
+def prompt_ids(dataset, # a dataset built with `build_dataset(..., inference=True)`
+              ) -> list:
     "`(record index, prompt ids)` for every kept row of an inference `dataset`."
     return [(int(i), dataset.store[int(i)][0].astype("int64").tolist()) for i in dataset.rows]
 
@@ -203,8 +213,16 @@ def _record(r:dict, dataset_name, answers:list, hi:int=None) -> dict:
            "answers": answers}
     return {k: v for k, v in out.items() if v is not None}
 
-def generate_records(model, tokenizer, dataset, settings=None, *, on_batch=None, errors:list=None, dataset_name:str=None,
-                     generator=None) -> list:
+def generate_records(model, # a causal LM; None with a `generator` (vLLM): prompts are not checked against it
+                     tokenizer, # its tokenizer
+                     dataset, # an inference dataset (`build_dataset(..., inference=True)`)
+                     settings=None, # one `GenerationSettings` (dict or object); None: the defaults
+                     *,
+                     on_batch=None, # called with each batch's output records as they come (e.g. to write them)
+                     errors:list=None, # collects `{id, error}` of records not generated; None: a new list
+                     dataset_name:str=None, # the records' `dataset_name`; None: the dataset's report name
+                     generator=None, # `(prompts, ids) -> answers per prompt` instead of `generate` (e.g. vLLM)
+                    ) -> list:
     "Output records for every record of an inference `dataset` under one `GenerationSettings`."
     st = load_settings(GenerationSettings, settings or {})
     if not getattr(dataset, "options", {}).get("inference", False):
@@ -283,7 +301,8 @@ def _vllm_extras(ts:TransformersGenerationSettings) -> dict:
 
 VLLM_MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses a higher temperature (Hugging Face allows any > 0)
 
-def check_vllm_settings(ts:TransformersGenerationSettings):
+def check_vllm_settings(ts:TransformersGenerationSettings, # the guide's `transformers_settings`, as validated settings
+                       ):
     "Raise a one-line `SettingsError` for generation settings vLLM cannot honour."
     if ts.do_sample and ts.temperature > VLLM_MAX_TEMPERATURE:
         raise SettingsError(f"temperature: {ts.temperature} is above vLLM's maximum {VLLM_MAX_TEMPERATURE}; expected temperature <= "
@@ -294,7 +313,10 @@ def check_vllm_settings(ts:TransformersGenerationSettings):
     _vllm_extras(ts)
 
 # %% ../nbs/06_generate.ipynb #17346b45
-def sampling_params(tokenizer, ts:TransformersGenerationSettings, extra:dict=None):
+def sampling_params(tokenizer, # the tokenizer the stop strings are checked with (single tokens stop by id)
+                    ts:TransformersGenerationSettings, # the Hugging Face generation settings to translate
+                    extra:dict=None, # more `SamplingParams` arguments (the guide's `vllm_settings`); they win
+                   ):
     "`vllm.SamplingParams` equivalent to the Hugging Face settings `ts`."
     vllm = import_vllm()
     check_vllm_settings(ts)
@@ -342,13 +364,19 @@ class VLLMGenerator:
         if path not in self._loras: self._loras[path] = LoRARequest(f"adapter{len(self._loras) + 1}", len(self._loras) + 1, path)
         return self._loras[path]
 
-    def with_adapter(self, adapter_path=None) -> "VLLMGenerator":
+    def with_adapter(self, adapter_path=None, # a LoRA adapter directory; None: the base model
+                    ) -> "VLLMGenerator":
         "The same engine serving `adapter_path` (None: the base model); no second engine start."
         import copy
         g = copy.copy(self); g.lora = self._lora(adapter_path) if adapter_path else None
         return g
 
-    def generate(self, prompts:list, transformers_settings=None, custom_settings=None, ids:list=None, vllm_settings:dict=None) -> list:
+    def generate(self, prompts:list, # token-id lists (e.g. an inference dataset's `input_ids`)
+                 transformers_settings=None, # the guide's `transformers_settings`, translated by `sampling_params`
+                 custom_settings=None, # the guide's `custom_settings`: skip_special_tokens, remove_prompt
+                 ids:list=None, # record ids, for the answers' ids (`{id}-{j}`); None: `j`
+                 vllm_settings:dict=None, # more `SamplingParams` arguments (the guide's `vllm_settings`)
+                ) -> list:
         "Per prompt a list of answers `{id, content, answer_token_ids, sequence_score}`, as `generate` returns them."
         from types import SimpleNamespace
         ts = load_settings(TransformersGenerationSettings, transformers_settings or {})

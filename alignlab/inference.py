@@ -59,7 +59,10 @@ def _module_key(key:str) -> Optional[tuple]:
             return name, part[-1]
     return None
 
-def check_adapter_fits(adapter_path, model, where:str="model_settings.adapter_path"):
+def check_adapter_fits(adapter_path, # the peft adapter directory (with adapter_model.safetensors)
+                       model, # the base model, or its architecture on the meta device
+                       where:str="model_settings.adapter_path", # the setting named in the error
+                      ):
     "Raise a one-line `SettingsError` when the LoRA adapter at `adapter_path` was not trained on `model`'s architecture."
     from safetensors import safe_open
     f = Path(adapter_path)/"adapter_model.safetensors"
@@ -93,7 +96,11 @@ def _engine_key(ms:ModelInferenceSettings, path) -> str:
     return json.dumps([str(path), ms.tokenizer_settings.model_dump(mode="json"), ms.vllm_engine_settings.model_dump(mode="json"),
                        ms.model_settings.transformers_settings.dtype], sort_keys=True)
 
-def load_for_inference(ms:ModelInferenceSettings, where:str="inference_settings[0]", engines:dict=None, adapters:tuple=()):
+def load_for_inference(ms:ModelInferenceSettings, # one item of `inference_settings`
+                       where:str="inference_settings[0]", # its place in the config, named in errors
+                       engines:dict=None, # vLLM engines already started, by engine key; reused and added to (None: none)
+                       adapters:tuple=(), # every adapter a new vLLM engine must be able to serve
+                      ):
     "`(model, tokenizer)` for the Hugging Face path, or `(VLLMGenerator, tokenizer)` with `use_vllm` (reusing `engines`)."
     from alignlab.models import load_model, load_tokenizer, set_special_tokens, resolve_path
     m = ms.model_settings
@@ -128,7 +135,9 @@ class OutputLog:
     def _write(self):
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.info, indent=1, default=str)); tmp.replace(self.path)
-    def open(self, name:str, **settings):
+    def open(self, name:str, # the output file's name inside `save_path`
+             **settings,
+            ):
         "Start output file `name` (truncated if it exists); returns a `write(records)` function that appends and flushes."
         self.info[name] = {**settings, "records": 0, "errors": [], "complete": False, "seconds": None}
         self._write()
@@ -155,7 +164,9 @@ def _seed(seed:int):
     import random, torch
     random.seed(seed); torch.manual_seed(seed)
 
-def infer_chat(st:InferenceSettings, log:OutputLog) -> list:
+def infer_chat(st:InferenceSettings, # the validated inference config
+               log:OutputLog, # where the output files and `info.json` are written
+              ) -> list:
     "Generate for every (model, generation setting); returns the output paths."
     from alignlab.generate import generate_records
     from alignlab.models import resolve_path
@@ -236,11 +247,15 @@ def _reward(model, tok, ms, ds, rows) -> list:
     return [{"id": r["id"], "dataset_name": r.get("dataset_name", ds.report.name), "messages": r["messages"], "answers": r["answers"],
              "rewards": {a["id"]: score[j] for a, j in zip(r["answers"], ds.owners[k])}} for k in rows for r in [ds.records[k]]]
 
-def infer_classification(st:InferenceSettings, log:OutputLog) -> list:
+def infer_classification(st:InferenceSettings, # the validated inference config (seq_cls models, a classification dataset)
+                         log:OutputLog, # where the output files and `info.json` are written
+                        ) -> list:
     "Predicted label and class probabilities per record, one file per model."
     return _score_runs(st, log, "classification", "classified", _classify, 256)
 
-def infer_rm(st:InferenceSettings, log:OutputLog) -> list:
+def infer_rm(st:InferenceSettings, # the validated inference config (1-label reward models, a sampling dataset)
+             log:OutputLog, # where the output files and `info.json` are written
+            ) -> list:
     "A reward per answer of each sampling record, one file per model."
     return _score_runs(st, log, "rm", "scored", _reward, 64, num_labels_one=True)
 

@@ -16,27 +16,37 @@ import numpy as np
 # %% ../nbs/07_metrics.ipynb #37747de9
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
 
-def wordpunct(text:str) -> list:
+def wordpunct(text:str, # the text to split
+             ) -> list:
     "Split `text` into word and punctuation runs (NLTK's `wordpunct_tokenize`)."
     return _WORDPUNCT.findall(text)
 
-def ngrams(tokens:Sequence, n:int) -> list:
+def ngrams(tokens:Sequence, # a token (or word) sequence
+           n:int, # the n-gram length; longer than `tokens`: no n-grams
+          ) -> list:
     "The `n`-grams of `tokens`, as tuples, in order."
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
-def strip_pad(ids:Sequence, pad_id:Optional[int]) -> list:
+def strip_pad(ids:Sequence, # an answer's token ids
+              pad_id:Optional[int], # the pad id; None: nothing is stripped
+             ) -> list:
     "`ids` without its trailing `pad_id`s (the padding batched generation adds after an answer's EOS)."
     ids = list(ids)
     while pad_id is not None and ids and ids[-1] == pad_id: ids.pop()
     return ids
 
 # %% ../nbs/07_metrics.ipynb #9fbf91f1
-def answer_length(ids:Sequence, pad_id:Optional[int]=None) -> int:
+def answer_length(ids:Sequence, # an answer's token ids
+                  pad_id:Optional[int]=None, # the pad id, not counted; None: every token counts
+                 ) -> int:
     "Number of non-pad tokens of a generated answer."
     return sum(1 for t in ids if t != pad_id)
 
 # %% ../nbs/07_metrics.ipynb #fcc0b8f0
-def dist_n(answers:Sequence[str], ngram:int=5, vocab_size:Optional[int]=None) -> dict:
+def dist_n(answers:Sequence[str], # one prompt's answers; split into words on whitespace
+           ngram:int=5, # the largest n: dist_1 .. dist_`ngram` (>= 1)
+           vocab_size:Optional[int]=None, # for the EAD scores' expected distinct count; None: no `ead_dist_*`
+          ) -> dict:
     "`dist_k` and `ead_dist_k` for k=1..`ngram` over one prompt's `answers`, with `dist_mean` and `ead_dist_mean`."
     if ngram < 1: raise ValueError(f"dist_n: ngram must be >= 1, got {ngram}")
     sets, totals = [set() for _ in range(ngram)], [0] * ngram
@@ -56,7 +66,10 @@ def dist_n(answers:Sequence[str], ngram:int=5, vocab_size:Optional[int]=None) ->
     return out
 
 # %% ../nbs/07_metrics.ipynb #f3a71e41
-def token_entropy(ids:Sequence[int], top_k:Optional[int]=None, pad_id:Optional[int]=None) -> float:
+def token_entropy(ids:Sequence[int], # one answer's token ids
+                  top_k:Optional[int]=None, # only the `top_k` most frequent tokens; None: all of them
+                  pad_id:Optional[int]=None, # the pad id, not counted; None: every token counts
+                 ) -> float:
     "Entropy (nats) of the token frequencies of one answer, optionally over the `top_k` most frequent tokens only."
     counts = sorted(Counter(t for t in ids if t != pad_id).values(), reverse=True)
     if top_k is not None: counts = counts[:top_k]
@@ -65,8 +78,11 @@ def token_entropy(ids:Sequence[int], top_k:Optional[int]=None, pad_id:Optional[i
     return float(-(p * np.log(p)).sum())
 
 # %% ../nbs/07_metrics.ipynb #7e0b299b
-def sentence_bleu(references:Sequence[Sequence[str]], hypothesis:Sequence[str], weights:Sequence[float]=(0.25,) * 4,
-                  epsilon:float=0.1) -> float:
+def sentence_bleu(references:Sequence[Sequence[str]], # the reference token lists
+                  hypothesis:Sequence[str], # the token list scored
+                  weights:Sequence[float]=(0.25,) * 4, # one weight per n-gram order, n = 1, 2, ...
+                  epsilon:float=0.1, # the count given to an order with no match (NLTK's method1 smoothing)
+                 ) -> float:
     "BLEU of token list `hypothesis` against token lists `references`, smoothed as NLTK's `method1`."
     nums, dens = [], []
     for n in range(1, len(weights) + 1):
@@ -80,7 +96,9 @@ def sentence_bleu(references:Sequence[Sequence[str]], hypothesis:Sequence[str], 
     bp = 1.0 if c > r else math.exp(1 - r / c)
     return bp * math.exp(math.fsum(w * math.log((k if k else epsilon) / d) for w, k, d in zip(weights, nums, dens)))
 
-def self_bleu(answers:Sequence[str], ngram:int=3) -> list:
+def self_bleu(answers:Sequence[str], # one prompt's answers (at least 2)
+              ngram:int=3, # the largest n-gram order, each weighted 1/`ngram`
+             ) -> list:
     "Per answer: BLEU (word tokens, weights 1/`ngram`) against the other answers to the same prompt."
     if ngram < 1: raise ValueError(f"self_bleu: ngram must be >= 1, got {ngram}")
     if len(answers) < 2:
@@ -99,7 +117,10 @@ def _strip_end(s:str, tokens:Sequence[str]) -> str:
         if t == s: return s
         s = t
 
-def exact_match(reference:str, prediction:str, strip_tokens:Sequence[str]=()) -> int:
+def exact_match(reference:str, # the reference answer text
+                prediction:str, # the generated answer text
+                strip_tokens:Sequence[str]=(), # token strings stripped from both ends' tail (e.g. the EOS and pad tokens)
+               ) -> int:
     "1 if `prediction` equals `reference` after stripping trailing whitespace and `strip_tokens` (EOS, pad) from both."
     return int(_strip_end(prediction, strip_tokens) == _strip_end(reference, strip_tokens))
 
@@ -108,12 +129,17 @@ def _prf(overlap, n_pred, n_ref):
     p = overlap / n_pred if n_pred else 0.0; r = overlap / n_ref if n_ref else 0.0
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
-def rouge_n(reference:Sequence[str], prediction:Sequence[str], n:int) -> tuple:
+def rouge_n(reference:Sequence[str], # the reference tokens
+            prediction:Sequence[str], # the predicted tokens
+            n:int, # the n-gram length
+           ) -> tuple:
     "ROUGE-`n` `(precision, recall, f)` of token lists."
     ref, pred = Counter(ngrams(reference, n)), Counter(ngrams(prediction, n))
     return _prf(sum((ref & pred).values()), sum(pred.values()), sum(ref.values()))
 
-def lcs_length(a:Sequence, b:Sequence) -> int:
+def lcs_length(a:Sequence, # a sequence
+               b:Sequence, # another sequence
+              ) -> int:
     "Length of the longest common subsequence of `a` and `b`."
     prev = [0] * (len(b) + 1)
     for x in a:
@@ -122,11 +148,17 @@ def lcs_length(a:Sequence, b:Sequence) -> int:
         prev = cur
     return prev[-1]
 
-def rouge_l(reference:Sequence[str], prediction:Sequence[str]) -> tuple:
+def rouge_l(reference:Sequence[str], # the reference tokens
+            prediction:Sequence[str], # the predicted tokens
+           ) -> tuple:
     "ROUGE-L `(precision, recall, f)` of token lists."
     return _prf(lcs_length(reference, prediction), len(prediction), len(reference))
 
-def rouge(reference:str, prediction:str, ns:Sequence[int]=(1, 2), with_l:bool=True) -> dict:
+def rouge(reference:str, # the reference text (split by `wordpunct`)
+          prediction:str, # the predicted text (split by `wordpunct`)
+          ns:Sequence[int]=(1, 2), # the n of each ROUGE-n to compute
+          with_l:bool=True, # also ROUGE-L (`rougeL_*`)
+         ) -> dict:
     "ROUGE-n for each n in `ns` (and ROUGE-L) of two strings: `rouge1_precision`, `rouge1_recall`, `rouge1_fmeasure`, ..."
     ref, pred = wordpunct(reference), wordpunct(prediction)
     out = {}
@@ -135,18 +167,26 @@ def rouge(reference:str, prediction:str, ns:Sequence[int]=(1, 2), with_l:bool=Tr
     return out
 
 # %% ../nbs/07_metrics.ipynb #b71bee6c
-def perplexity(logprobs:Sequence[float]) -> float:
+def perplexity(logprobs:Sequence[float], # per-token log-probabilities (nats) of one answer
+              ) -> float:
     "exp of the mean cross-entropy over an answer's tokens (nan for an empty answer)."
     return float(np.exp(-np.mean(logprobs))) if len(logprobs) else float("nan")
 
-def kl_estimate(logprobs:Sequence[float], ref_logprobs:Sequence[float]) -> float:
+def kl_estimate(logprobs:Sequence[float], # per-token log-probabilities of the answer under the policy
+                ref_logprobs:Sequence[float], # the same tokens' log-probabilities under the reference model
+               ) -> float:
     "Mean of log p_policy − log p_ref over an answer's tokens (nan for an empty answer)."
     a, b = np.asarray(logprobs, float), np.asarray(ref_logprobs, float)
     return float((a - b).mean()) if len(a) else float("nan")
 
 # %% ../nbs/07_metrics.ipynb #6fbcf12e
-def reward_scores(model, tokenizer, template, chats:Sequence[list], max_tokens_count:Optional[int]=None,
-                  batch_size:int=8) -> list:
+def reward_scores(model, # a seq_cls reward model with `num_labels=1`
+                  tokenizer, # its tokenizer (pad id, else eos id, pads the batches)
+                  template, # the `ChatTemplate` the chats are rendered with
+                  chats:Sequence[list], # message lists, each ending with the answer as a bot message
+                  max_tokens_count:Optional[int]=None, # truncate from the start within this many tokens (None: no limit)
+                  batch_size:int=8, # chats per forward
+                 ) -> list:
     "Scalar reward of each chat (messages ending with the answer as a bot message); `None` where the chat cannot fit."
     from alignlab.templates import encode, TruncationError
     n_labels = getattr(model.config, "num_labels", 1)
@@ -166,12 +206,18 @@ def reward_scores(model, tokenizer, template, chats:Sequence[list], max_tokens_c
     return out
 
 # %% ../nbs/07_metrics.ipynb #85c07939
-def class_weights(labels, num_labels:int) -> list:
+def class_weights(labels, # the training labels (ints in 0..num_labels-1)
+                  num_labels:int, # the number of classes
+                 ) -> list:
     "Balanced class weights `n / (k * count_c)` (0 for a class with no sample)."
     counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels).astype(float)
     return [float(len(labels) / (num_labels * c)) if c else 0.0 for c in counts]
 
-def focal_loss(logits, labels, alpha=None, gamma:float=0.0):
+def focal_loss(logits, # (n, k) class logits
+               labels, # (n,) int class ids
+               alpha=None, # per-class weights (k,); None: unweighted
+               gamma:float=0.0, # the focusing exponent; 0: cross-entropy
+              ):
     "Mean focal loss `-alpha_y (1 - p_y)^gamma log p_y` (`gamma=0`, `alpha=None`: cross-entropy)."
     import torch
     logp = torch.log_softmax(logits.float(), -1).gather(1, labels[:, None]).squeeze(1)
@@ -180,7 +226,9 @@ def focal_loss(logits, labels, alpha=None, gamma:float=0.0):
     return loss.mean()
 
 # %% ../nbs/07_metrics.ipynb #497d64ed
-def roc_auc(scores, positive) -> float:
+def roc_auc(scores, # per sample, its score (higher: more likely positive)
+            positive, # per sample, whether it is positive
+           ) -> float:
     "Area under the ROC curve of `scores` for boolean `positive` (ties count half); nan if one class is missing."
     s, y = np.asarray(scores, float), np.asarray(positive, bool)
     n1, n0 = int(y.sum()), int((~y).sum())
@@ -193,7 +241,9 @@ def _softmax(x):
     x = np.asarray(x, float); e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
-def classification_metrics(logits, labels) -> dict:
+def classification_metrics(logits, # (n, k) class logits (softmaxed here)
+                           labels, # (n,) int class ids
+                          ) -> dict:
     "accuracy, balanced accuracy, weighted and macro F1/precision/recall, ROC-AUC of `logits` (n, k) against int `labels`."
     probs, y = _softmax(logits), np.asarray(labels, np.int64)
     k = probs.shape[1]; pred = probs.argmax(-1); n = len(y)
@@ -215,14 +265,18 @@ def classification_metrics(logits, labels) -> dict:
     return out
 
 # %% ../nbs/07_metrics.ipynb #6c9e52d8
-def pair_loss(r_w, r_l, margin=None):
+def pair_loss(r_w, # the chosen answers' rewards (n,)
+              r_l, # the rejected answers' rewards (n,)
+              margin=None, # per pair, how far chosen should beat rejected (n,); None: 0
+             ):
     "Mean `-log σ(r_w - r_l - margin)`."
     import torch
     d = r_w - r_l
     if margin is not None: d = d - margin
     return -torch.nn.functional.logsigmoid(d).mean()
 
-def reward_metrics(rewards) -> dict:
+def reward_metrics(rewards, # (n, 2) rewards `[chosen, rejected]` per pair, as `RewardTrainer` evaluates
+                  ) -> dict:
     "Pair accuracy and mean chosen/rejected rewards and margin of an (n, 2) array `[r_w, r_l]`."
     r = np.asarray(rewards, float).reshape(-1, 2)
     w, l = r[:, 0], r[:, 1]

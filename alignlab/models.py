@@ -124,7 +124,8 @@ class ModelSettings(Settings):
         return self
 
 # %% ../nbs/05_models.ipynb #b7e8a04b
-def parse_model_settings(src) -> ModelSettings:
+def parse_model_settings(src, # the guide's `model_settings`: a dict, a JSON path or a `ModelSettings`
+                        ) -> ModelSettings:
     "`ModelSettings` from a dict, a JSON path or an object; errors name the field as `model_settings.<field>`."
     try: return load_settings(ModelSettings, src)
     except SettingsError as e:
@@ -132,7 +133,9 @@ def parse_model_settings(src) -> ModelSettings:
         raise SettingsError(msg if msg.startswith("model_settings") or ": " not in msg or "/" in msg.split(": ")[0] else f"model_settings.{msg}") from None
 
 # %% ../nbs/05_models.ipynb #b2ca599f
-def resolve_path(path:str, setting:str="model_settings.model_path") -> Path:
+def resolve_path(path:str, # a local model directory (`~` expanded) or a zoo name (built if missing)
+                 setting:str="model_settings.model_path", # the setting named in the error when `path` is neither
+                ) -> Path:
     "A local model directory for `path`: an existing directory, or a zoo name."
     p = Path(path).expanduser()
     if p.is_dir(): return p
@@ -175,7 +178,9 @@ def load_tokenizer(tokenizer_settings=None, # the guide's `tokenizer_settings` (
 
 SPECIAL_KINDS = ("bos", "eos", "pad", "unk", "sep")
 
-def set_special_tokens(tok, special_tokens_settings=None) -> list:
+def set_special_tokens(tok, # the tokenizer to change in place
+                       special_tokens_settings=None, # the guide's `special_tokens_settings` (dict or object); None: nothing set
+                      ) -> list:
     "Set the special tokens `tok` lacks; returns one line per setting saying what happened."
     st = load_settings(SpecialTokensSettings, special_tokens_settings or {})
     report = []
@@ -197,7 +202,11 @@ def _tied(model) -> bool:
     if out.weight is inp.weight: return True
     return not out.weight.is_meta and out.weight.data_ptr() == inp.weight.data_ptr()  # on the meta device every data_ptr is 0
 
-def add_new_tokens(model, tok, strategy:Optional[dict]=None, known:Optional[set]=None) -> dict:
+def add_new_tokens(model, # the model whose embeddings grow (and output rows, unless tied)
+                   tok, # its tokenizer; the new tokens are added as special tokens
+                   strategy:Optional[dict]=None, # new token -> the text whose token embeddings' mean it starts from
+                   known:Optional[set]=None, # the tokens before any were added (None: `tok`'s vocabulary now); others are new
+                  ) -> dict:
     "Add `strategy`'s tokens to `tok`, grow `model`'s embeddings, initialize every new row; returns {token: (id, source, source_ids)}."
     import torch
     strategy = strategy or {}
@@ -248,7 +257,12 @@ def _check_targets(model, targets):
             raise SettingsError(f"model_settings.peft_settings.target_modules: {t!r} matches no module of {type(model).__name__}; "
                                 f"expected names such as {', '.join(leaves)}")
 
-def peft_config(ps, model, model_type:str="causal", new_ids:Optional[list]=None, tokenizer_path=None):
+def peft_config(ps, # the `peft_settings` (LoRA, prefix, prompt or P-tuning)
+                model, # the model it will wrap (target modules are checked against it)
+                model_type:str="causal", # 'causal' or 'seq_cls': the task type when `ps` gives none
+                new_ids:Optional[list]=None, # rows of the new tokens' embeddings to train; None: none
+                tokenizer_path=None, # the tokenizer prompt tuning reads its init text with
+               ):
     "The peft config for settings `ps` on `model`, with `new_ids` (new-token rows) made trainable."
     import peft
     task = ps.task_type or {"causal": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[model_type]
@@ -283,7 +297,10 @@ def _adapter_rows(adapter:Path, model) -> Optional[int]:
             if any(f"{n}." in k for n in names) and k.endswith("weight") and "lora_" not in k: return st.get_slice(k).get_shape()[0]
     return None
 
-def check_adapter_vocab(adapter_path, model, tok):
+def check_adapter_vocab(adapter_path, # the peft adapter directory (with adapter_model.safetensors)
+                        model, # the base model the adapter goes on
+                        tok, # its tokenizer, compared with the one saved with the adapter
+                       ):
     "Raise a one-line `SettingsError` when the adapter was trained with another vocabulary than `model`/`tok` have."
     adapter = Path(adapter_path)
     rows, have = _adapter_rows(adapter, model), model.get_input_embeddings().weight.shape[0]
@@ -359,7 +376,10 @@ def load_model(model_settings, # the guide's `model_settings` (a dict, JSON path
     for line in report: log.info(line)
     return model, tok
 
-def save_model(model, tok, out) -> Path:
+def save_model(model, # a model or a peft model (then only the adapter is saved)
+               tok, # its tokenizer
+               out, # the directory to write (created if missing)
+              ) -> Path:
     "Save `model` (or its adapter) and the tokenizer together in `out`, so the vocabulary travels with the adapter."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out); tok.save_pretrained(out)
@@ -395,7 +415,8 @@ class MergeSettings(Settings):
     save_path: str
     max_shard_size: str = "400MB"
 
-def merge_from_settings(src) -> Path:
+def merge_from_settings(src, # `MergeSettings`: a dict, a JSON path or an object
+                       ) -> Path:
     "Run `merge_adapters_to_base` from `MergeSettings` (a dict, a JSON path or an object)."
     s = load_settings(MergeSettings, src)
     return merge_adapters_to_base(s.model_settings, s.save_path, s.tokenizer_settings, s.special_tokens_settings, s.adapter_path, s.max_shard_size)
@@ -411,7 +432,11 @@ class TokenView:
                     f"<td>{html.escape(', '.join(f'{t} {s:.2f}' for t, s in r['nearest']))}</td></tr>" for r in self.rows)
         return f"<table><tr><th>token</th><th>id</th><th>init from</th><th>norm</th><th>nearest (cosine)</th></tr>{h}</table>"
 
-def token_view(model, tok, tokens=None, k:int=4) -> TokenView:
+def token_view(model, # a model `load_model` made (it remembers the new tokens)
+               tok, # its tokenizer
+               tokens=None, # tokens to show; None: those `load_model` added
+               k:int=4, # how many nearest neighbours (cosine) to list
+              ) -> TokenView:
     "Init source, norm and `k` nearest neighbours of the new `tokens` (default: those `load_model` added)."
     import torch
     new = getattr(model, "alignlab_new_tokens", {})

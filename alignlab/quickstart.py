@@ -13,20 +13,34 @@ from .templates import LLAMA3, sample_html
 from .data import chat_settings
 
 # %% ../nbs/13_quickstart.ipynb #8cd8b340
-def generate_answers(model, tok, prompts:list, max_new_tokens:int=16, batch_size:int=32) -> list:
+def generate_answers(model, # a causal LM
+                     tok, # its tokenizer
+                     prompts:list, # token-id lists, e.g. an inference dataset's `input_ids`
+                     max_new_tokens:int=16, # the most tokens generated per answer
+                     batch_size:int=32, # prompts per `generate` batch
+                    ) -> list:
     "Greedy answers to tokenized `prompts` (batched, left padded: `alignlab.generate`)."
     from alignlab.generate import generate
     out = generate(model, tok, prompts, {"max_new_tokens": max_new_tokens, "do_sample": False}, {"batch": batch_size})
     return [a[0]["content"].strip() for a in out]
 
-def exact_match(preds:list, golds:list) -> float:
+def exact_match(preds:list, # the predicted answers
+                golds:list, # the gold answers, in the same order (their count is the denominator)
+               ) -> float:
     "Share of predictions equal to the gold answer (after stripping whitespace)."
     return sum(p.strip() == g.strip() for p, g in zip(preds, golds)) / max(1, len(golds))
 
 # %% ../nbs/13_quickstart.ipynb #76f59662
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-def experiment(run_dir, steps:int=400, batch_size:int=16, lr:float=3e-3, r:int=16, max_tokens_count:int=256, seed:int=0):
+def experiment(run_dir, # where the run writes its checkpoints, logs and final adapter
+               steps:int=400, # optimizer steps (a checkpoint at half and at the end)
+               batch_size:int=16, # chats per step (no gradient accumulation)
+               lr:float=3e-3, # peak learning rate (cosine to a tenth)
+               r:int=16, # LoRA rank (alpha = r), on all seven projections
+               max_tokens_count:int=256, # the dataset's token limit
+               seed:int=0, # the run's seed (LoRA init, data order)
+              ):
     "The quickstart's `Experiment` (not fitted yet)."
     from alignlab.experiment import Experiment
     data = zoo.get("chat")
@@ -40,7 +54,9 @@ def experiment(run_dir, steps:int=400, batch_size:int=16, lr:float=3e-3, r:int=1
                      eval_strategy="no", save_strategy="steps", save_steps=max(1, steps // 2)))
 
 # %% ../nbs/13_quickstart.ipynb #dcd5df98
-def generations_html(rows:list, summary:dict) -> str:
+def generations_html(rows:list, # per held-out prompt: prompt, gold, before, after, correct_before, correct_after
+                     summary:dict, # the quickstart summary: exact_match_before, exact_match_after, n_test
+                    ) -> str:
     "Before/after generations side by side, as a self-contained page."
     import html
     esc = lambda x: html.escape(str(x))
@@ -117,9 +133,9 @@ def reward_model(run_dir, # where to write (the merged SFT model and the reward 
                  batch_size:int=16, # preference pairs per step
                  lr:float=2e-4, # peak learning rate
                  eval_steps:int=100, # held-out pair accuracy every this many steps
-                 seed:int=0,
+                 seed:int=0, # the run's seed (head init, data order)
                  schedule:str="cosine", # the lr schedule (BENCHMARKS.md: a constant rate let accuracy fall late)
-                 progress:bool=False,
+                 progress:bool=False, # the trainer's progress bar
                 ) -> dict:
     "Merge the SFT `adapter` into `tiny-llama`, train a reward model from it on the zoo's `preferences`; returns the fit summary."
     from alignlab.models import merge_adapters_to_base

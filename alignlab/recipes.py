@@ -37,7 +37,8 @@ class Recipe:
     @property
     def command(self) -> str: return f"train_{self.name}"
 
-    def labels_fit(self, n) -> bool:
+    def labels_fit(self, n, # the head's number of outputs (`config.num_labels`); None never fits a bound
+                  ) -> bool:
         "Whether a seq_cls head with `n` outputs is what this recipe trains."
         if not self.num_labels: return True
         lo, hi = self.num_labels
@@ -105,7 +106,13 @@ RECIPES = (
 )
 
 # %% ../nbs/09_recipes.ipynb #e5f6db1d
-def recipe(name:str=None, *, command:str=None, inference:str=None, dataset_type:str=None, where:str=None) -> Recipe:
+def recipe(name:str=None, # an objective: 'sft', 'classification' or 'rm'
+           *,
+           command:str=None, # a CLI command, e.g. 'train_sft'
+           inference:str=None, # an inference kind: 'chat', 'classification' or 'rm'
+           dataset_type:str=None, # a training dataset_type; its first row is the default objective
+           where:str=None, # the setting named in the error (default: the key given)
+          ) -> Recipe:
     "The row of `RECIPES` for an objective `name`, a `train_*` `command`, an `inference` kind, or the training `dataset_type`."
     for key, value, of in (("name", name, lambda r: r.name), ("command", command, lambda r: r.command),
                            ("inference", inference, lambda r: r.inference), ("dataset_type", dataset_type, lambda r: r.dataset_type)):

@@ -80,7 +80,9 @@ def _head_kind(model) -> str:
     name = type(m).__name__
     return "seq_cls" if name.endswith("ForSequenceClassification") else ("causal" if name.endswith("ForCausalLM") else name)
 
-def check_model(r:Recipe, model):
+def check_model(r:Recipe, # the recipe whose `model_type` and `num_labels` the model must have
+                model, # the model (a peft wrapper is looked through)
+               ):
     "A one-line `SettingsError` unless `model` is the kind of model recipe `r` trains."
     kind = _head_kind(model)
     if kind != r.model_type:
@@ -97,7 +99,14 @@ def _need_bytes(model, args) -> int:
     return int(keep * per_ckpt + total * (0 if hasattr(model, "peft_config") else 1) + train + 32 * 2**20)
 
 # %% ../nbs/10_run.ipynb #0a78250f
-def make_trainer(objective, model, tokenizer, train_dataset, eval_dataset=None, trainer_settings=None, run_dir="runs/train", *,
+def make_trainer(objective, # a recipe's name ('sft', 'classification', 'rm') or the `Recipe`
+                 model, # the model to train, of the kind the recipe trains
+                 tokenizer, # its tokenizer (pad id, else eos id, for the collator)
+                 train_dataset, # the training dataset `build_dataset` made for this recipe
+                 eval_dataset=None, # the validation dataset; None: no evaluation
+                 trainer_settings=None, # the guide's `trainer_settings` (dict or object); None: the defaults
+                 run_dir="runs/train", # checkpoints go under `run_dir/trainer`
+                 *,
                  packing=False, # SFT: pack chats into rows (True: of max_tokens_count tokens, or a number of tokens)
                  loss_settings=None, # classification: focal loss settings (else `trainer_settings.loss_settings`)
                  callbacks=(), # trainer callbacks; those with an `attach(trainer)` method get the trainer
@@ -141,7 +150,10 @@ def _in_notebook() -> bool:
         return type(get_ipython()).__name__ == "ZMQInteractiveShell"
     except ImportError: return False
 
-def plot_history(history:list, path=None, title:str="training"):
+def plot_history(history:list, # a trainer's `state.log_history`: dicts with `step` and `loss` or `eval_loss`
+                 path=None, # where to save the PNG; None: return the matplotlib figure
+                 title:str="training", # the plot's title
+                ):
     "Train and eval loss from a trainer's `log_history`; saved as PNG at `path`, or returned as a figure."
     import matplotlib; matplotlib.use("Agg") if path else None
     import matplotlib.pyplot as plt

@@ -19,7 +19,9 @@ class SettingsError(ValueError):
 # Known misspellings with an explanation (the guide's own `peft_setting` among them).
 KNOWN_SLIPS = {"peft_setting": "peft_settings (the guide writes `peft_setting` once; the key is `peft_settings`)"}
 
-def did_you_mean(key:str, known) -> str:
+def did_you_mean(key:str, # the unknown key
+                 known, # the keys that are known
+                ) -> str:
     "A hint naming the closest known key, or the list of known keys."
     if key in KNOWN_SLIPS and KNOWN_SLIPS[key].split(" ")[0] in known: return f"did you mean {KNOWN_SLIPS[key]}?"
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
@@ -46,7 +48,9 @@ def _loc(loc) -> str:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 
-def one_line(e:Exception, source=None) -> str:
+def one_line(e:Exception, # a pydantic `ValidationError` (its first error is used) or any exception
+             source=None, # the settings file, named first; None: not named
+            ) -> str:
     "A one-line message for a settings error, naming `source` and the field."
     where = f"{source}: " if source else ""
     if isinstance(e, ValidationError):
@@ -76,7 +80,8 @@ def load_settings(cls, # the settings class to build
 
 # %% ../nbs/00_settings.ipynb #48313d55
 @functools.lru_cache(None)
-def config_fields(cls) -> dict:
+def config_fields(cls, # a config class: a dataclass, or one whose default instance has the fields
+                 ) -> dict:
     "name -> type hint of the constructor fields of config class `cls` (a dataclass, or a class whose default instance lists them)."
     if dataclasses.is_dataclass(cls):
         try: hints = typing.get_type_hints(cls)
@@ -89,7 +94,10 @@ def _adapter(cls, name):
     try: return TypeAdapter(config_fields(cls)[name], config=ConfigDict(arbitrary_types_allowed=True))
     except Exception: return None  # a type pydantic cannot check: the library checks it
 
-def check_config_value(cls, name:str, value):
+def check_config_value(cls, # the config class (as `config_fields` reads it)
+                       name:str, # the field's name
+                       value, # the value to check (a type pydantic cannot check is passed as is)
+                      ):
     "`value` checked against the type hint of field `name` of `cls`; a one-line `SettingsError` when it does not fit."
     ad = _adapter(cls, name)
     if ad is None: return value

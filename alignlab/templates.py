@@ -22,7 +22,8 @@ class Span:
     "A character span of the rendered text: which message, which part (`prefix`, `content`, `suffix`), which role."
     start: int; end: int; message: int; part: str; role: str
 
-def role_of(m) -> str:
+def role_of(m, # a message dict with a `role`
+           ) -> str:
     "The message's role, with `assistant` read as `bot`."
     return "bot" if m["role"] in BOT_ROLES else m["role"]
 
@@ -34,16 +35,20 @@ class ChatTemplate:
     prefix_template: str
     suffix_template: str
 
-    def tag(self, role:str) -> str:
+    def tag(self, role:str, # system, user, bot (or assistant)
+           ) -> str:
         "The tag that stands for `role` (`assistant` is read as `bot`)."
         key = "bot" if role == "assistant" and "assistant" not in self.role_tag_mapping else role
         if key not in self.role_tag_mapping:
             raise KeyError(f"role {role!r} is not in role_tag_mapping (has {sorted(self.role_tag_mapping)})")
         return self.role_tag_mapping[key]
 
-    def prefix(self, role:str) -> str: return self.prefix_template.format(role=self.tag(role))
+    def prefix(self, role:str, # system, user, bot (or assistant); its tag fills `{role}`
+              ) -> str: return self.prefix_template.format(role=self.tag(role))
 
-    def render(self, messages:list, add_generation_prompt:bool=False):
+    def render(self, messages:list, # the chat: dicts with role and content
+               add_generation_prompt:bool=False, # append the bot prefix (an inference prompt)
+              ):
         "The rendered text and its spans; with `add_generation_prompt`, the bot prefix is appended."
         text, spans = "", []
         for i, m in enumerate(messages):
@@ -62,16 +67,30 @@ LLAMA3 = ChatTemplate(role_tag_mapping={"bot": "assistant", "user": "user", "sys
 class TruncationError(ValueError):
     "No run of whole messages fits `max_tokens_count` (the sample is dropped and counted)."
 
-def last_trained_bot(msgs, hi:int=None):
+def last_trained_bot(msgs, # the chat's messages
+                     hi:int=None, # look only at `msgs[:hi]` (None: all of them)
+                    ):
     "Index of the last bot message among `msgs[:hi]` whose loss is not disabled (None if there is none)."
     return max((i for i, m in enumerate(msgs[:hi]) if role_of(m) == "bot" and not m.get("disable_loss")), default=None)
 
-def carries_loss(msg, role:str, index:int, last_bot, only_answer_loss=True, only_last_replica_loss=False, inference=False) -> bool:
+def carries_loss(msg, # the message (its `disable_loss` is honoured)
+                 role:str, # its role, as `role_of` reads it
+                 index:int, # its position in the chat
+                 last_bot, # `last_trained_bot` of the chat (for `only_last_replica_loss`)
+                 only_answer_loss=True, # loss on bot turns only
+                 only_last_replica_loss=False, # loss on the last trained bot turn only
+                 inference=False, # a prompt: nothing carries loss
+                ) -> bool:
     "The loss rule for one message's content and suffix (the one rule `trained_intervals` and the batched encoder both apply)."
     return not (inference or msg.get("disable_loss") or (only_answer_loss and role != "bot")
                 or (only_last_replica_loss and index != last_bot))
 
-def trained_intervals(spans, msgs, only_answer_loss=True, only_last_replica_loss=False, inference=False):
+def trained_intervals(spans, # `ChatTemplate.render`'s spans of the rendered chat
+                      msgs, # the rendered messages (the spans index them)
+                      only_answer_loss=True, # loss on bot turns only (else on every turn)
+                      only_last_replica_loss=False, # loss on the last trained bot turn only
+                      inference=False, # a prompt: no interval carries loss
+                     ):
     "The `(start, end)` character intervals of `spans` that carry loss (see the rules)."
     if inference: return []
     last_bot = last_trained_bot(msgs)
@@ -83,7 +102,9 @@ def trained_intervals(spans, msgs, only_answer_loss=True, only_last_replica_loss
         else: out.append((s.start, s.end))
     return out
 
-def overlap_mask(offsets, intervals) -> np.ndarray:
+def overlap_mask(offsets, # per token, its `(start, end)` character offsets
+                 intervals, # sorted, disjoint `(start, end)` character intervals (end exclusive)
+                ) -> np.ndarray:
     "For each token `(a, b)`, does it overlap one of the sorted, disjoint `intervals`? (Vectorized; empty tokens never do.)"
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     if not len(intervals) or not len(off): return np.zeros(len(off), dtype=bool)
@@ -99,7 +120,8 @@ def overlap_mask(offsets, intervals) -> np.ndarray:
 # %% ../nbs/02_templates.ipynb #c4c8f771
 _SLOW_WARNED = set()
 
-def special_edges(tokenizer) -> tuple:
+def special_edges(tokenizer, # a Hugging Face tokenizer; the answer is cached on it
+                 ) -> tuple:
     "How many special tokens the tokenizer adds in front of and behind a text."
     key = "_alignlab_edges"
     if key in getattr(tokenizer, "__dict__", {}): return tokenizer.__dict__[key]
@@ -111,7 +133,11 @@ def special_edges(tokenizer) -> tuple:
     except Exception: pass
     return out
 
-def tokenize(tokenizer, text:str, spans=None, per_piece:bool=None):
+def tokenize(tokenizer, # a Hugging Face tokenizer
+             text:str, # the rendered chat
+             spans=None, # the text's spans, the pieces a slow tokenizer encodes (None: the whole text)
+             per_piece:bool=None, # tokenize span by span; None: only for a slow tokenizer (no offsets)
+            ):
     "Ids and character offsets of `text` (one BOS at most, no appended EOS); returns `(ids, offsets, per_piece)`."
     if per_piece is None: per_piece = not getattr(tokenizer, "is_fast", False)
     front, back = special_edges(tokenizer)
@@ -167,7 +193,12 @@ def _token_spans(offsets, spans):
     return out
 
 # %% ../nbs/02_templates.ipynb #46f377de
-def allowed_ends(msgs, inference=False, ends_on_bot=True, random_cut=False, seed=0) -> list:
+def allowed_ends(msgs, # the chat's messages
+                 inference=False, # a prompt: ends before a bot turn, with a non-system message kept
+                 ends_on_bot=True, # a training run must end with a bot turn (False: any message)
+                 random_cut=False, # inference only: keep only ends at or before one random bot turn
+                 seed=0, # the random cut's seed
+                ) -> list:
     "The positions (exclusive ends) where a kept run may end, best first (see the rules)."
     roles = [role_of(m) for m in msgs]; n = len(msgs)
     if inference:
@@ -191,7 +222,8 @@ def _encode_run(tpl, tokenizer, msgs, kept, inference, only_answer_loss, only_la
                   truncated=kept != (0, n), messages=msgs, per_piece=pp, inference=inference)
 
 # %% ../nbs/02_templates.ipynb #eb7ca9f2
-def encode(tpl:ChatTemplate, tokenizer,
+def encode(tpl:ChatTemplate, # the prompt template the chat is rendered with
+           tokenizer, # the model's tokenizer
            messages:list, # the chat: dicts with role and content (and optional disable_loss)
            max_tokens_count:int=None, # truncate to whole messages within this many tokens (None: no limit)
            only_answer_loss:bool=True, # loss on bot turns only (else on every turn)
@@ -199,7 +231,7 @@ def encode(tpl:ChatTemplate, tokenizer,
            inference:bool=False, # a prompt: stop before the last bot turn, add the bot prefix, no loss
            only_last_replica_loss:bool=False, # loss on the last trained bot turn only
            random_cut:bool=False, # inference only (cherry-picks): prompt at a random allowed turn, seeded by `seed`
-           seed:int=0,
+           seed:int=0, # the seed of `random_cut`
            ends_on_bot:bool=True, # a training sample must end with a bot turn
            per_piece:bool=None, # tokenize piece by piece (default: only for a slow tokenizer, which has no offsets)
           ) -> Sample:
@@ -238,7 +270,9 @@ def _visible(tok_text:str) -> str:
     t = tok_text.replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t")
     return t.replace(" ", "·").replace("\t", "⇥").replace("\n", "↵\n")
 
-def sample_html(s:Sample, title:str=None) -> str:
+def sample_html(s:Sample, # the tokenized sample to show
+                title:str=None, # a bold heading above it; None: none
+               ) -> str:
     "A self-contained HTML view of a tokenized sample and its loss mask."
     owner = _token_spans(s.offsets, s.spans)
     parts = []
@@ -263,7 +297,7 @@ def sample_html(s:Sample, title:str=None) -> str:
             f'<div style="margin-top:6px">{"".join(parts)}</div></div>')
 
 # %% ../nbs/02_templates.ipynb #dc0e6420
-def to_jinja(tpl:ChatTemplate,
+def to_jinja(tpl:ChatTemplate, # the prompt template to translate
              bos:bool=True, # start with the tokenizer's `bos_token`, as `encode` does when the tokenizer adds one
             ) -> str:
     "The prompt_template as a Jinja chat template (`bos`: start with the tokenizer's `bos_token`)."

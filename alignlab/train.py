@@ -72,7 +72,10 @@ class TrainerSettings(MirrorSettings):
         "The `TrainingArguments` keyword arguments these settings give."
         return self.config_kwargs()
 
-    def to_training_arguments(self, output_dir, _check_only=False, **overrides):
+    def to_training_arguments(self, output_dir, # the `TrainingArguments.output_dir` (alignlab: `run_dir/trainer`)
+                              _check_only=False, # only validating: no deepspeed, the device make_trainer would pick, no fp16 check
+                              **overrides,
+                             ):
         "Hugging Face `TrainingArguments` with `output_dir` and `overrides` (checked by name like the settings)."
         from transformers import TrainingArguments
         kw = self.hf_kwargs()
@@ -114,7 +117,10 @@ class ClassificationTrainerSettings(TrainerSettings):
 def _logged(history, key):
     return [(h["step"], h[key]) for h in history if key in h]
 
-def fit(trainer, resume:bool=False, overwrite:bool=False) -> dict:
+def fit(trainer, # a trainer `make_trainer` built (it knows its run directory)
+        resume:bool=False, # continue from the last complete checkpoint (from scratch if there is none)
+        overwrite:bool=False, # delete the run directory's checkpoints and start over
+       ) -> dict:
     "Train `trainer` (from the last complete checkpoint if `resume`); save `run_dir/final`; return the run summary."
     import time
     run_dir = Path(trainer.alignlab_run_dir)

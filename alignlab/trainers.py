@@ -37,12 +37,20 @@ class AlignTrainer(Trainer):
 class ClassificationTrainer(AlignTrainer):
     "Focal loss over a seq_cls head (`alignlab_alpha`, `alignlab_gamma`); eval returns logits and labels."
     loss_is_scaled_for_ga = False
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, # the seq_cls model
+                     inputs, # the collated batch: `input_ids`, `attention_mask`, int `labels`
+                     return_outputs=False, # also return `{logits}`
+                     num_items_in_batch=None, # passed by `Trainer`; unused (the loss is a mean)
+                    ):
         labels = inputs.pop("labels")
         out = model(**inputs)
         loss = focal_loss(out.logits, labels, self.alignlab_alpha, self.alignlab_gamma)
         return (loss, {"logits": out.logits}) if return_outputs else loss
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def prediction_step(self, model, # the seq_cls model
+                        inputs, # the collated batch: `input_ids`, `attention_mask`, int `labels`
+                        prediction_loss_only, # return only the loss (no logits, no labels)
+                        ignore_keys=None, # passed by `Trainer`; unused
+                       ):
         inputs = self._prepare_inputs(inputs); labels = inputs["labels"]
         with torch.no_grad(): loss, out = self.compute_loss(model, dict(inputs), return_outputs=True)
         return (loss.detach(), None, None) if prediction_loss_only else (loss.detach(), out["logits"].detach(), labels)
@@ -51,14 +59,22 @@ class ClassificationTrainer(AlignTrainer):
 class RewardTrainer(AlignTrainer):
     "`-log σ(r_w - r_l - margin)` over one forward of chosen and rejected rows; eval returns the (n, 2) rewards."
     loss_is_scaled_for_ga = False
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, # the 1-label seq_cls reward model
+                     inputs, # `PairCollator`'s batch: chosen rows then rejected rows, and `margin`
+                     return_outputs=False, # also return `{logits}`: the (n, 2) chosen/rejected rewards
+                     num_items_in_batch=None, # passed by `Trainer`; unused (the loss is a mean)
+                    ):
         margin = inputs.pop("margin", None)
         r = model(**inputs).logits[:, 0]  # one forward: chosen rows, then rejected rows
         n = r.shape[0] // 2
         r_w, r_l = r[:n], r[n:]
         loss = pair_loss(r_w, r_l, margin)
         return (loss, {"logits": torch.stack([r_w, r_l], -1)}) if return_outputs else loss
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def prediction_step(self, model, # the 1-label seq_cls reward model
+                        inputs, # `PairCollator`'s batch: chosen rows then rejected rows, and `margin`
+                        prediction_loss_only, # return only the loss (no rewards)
+                        ignore_keys=None, # passed by `Trainer`; unused
+                       ):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(): loss, out = self.compute_loss(model, dict(inputs), return_outputs=True)
         rewards = out["logits"].detach()

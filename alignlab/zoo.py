@@ -68,13 +68,18 @@ CATEGORIES = {
 }
 
 # %% ../nbs/01_zoo.ipynb #c5b7b114
-def invented_names(rng:random.Random, n:int) -> list:
+def invented_names(rng:random.Random, # the random generator drawn from
+                   n:int, # how many names
+                  ) -> list:
     "`n` distinct capitalised names made of 2-3 syllables."
     out = set()
     while len(out) < n: out.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize())
     return sorted(out)
 
-def sentence(rng:random.Random, names:list, places:list) -> str:
+def sentence(rng:random.Random, # the random generator drawn from
+             names:list, # invented person names to use
+             places:list, # invented place names to use
+            ) -> str:
     "One sentence of the synthetic grammar."
     n1, n2, a1, a2 = rng.choice(NOUNS), rng.choice(NOUNS), rng.choice(ADJS), rng.choice(ADJS)
     name, place, verb, past, adv, prep = (rng.choice(names), rng.choice(places), rng.choice(VERBS), rng.choice(PAST),
@@ -91,16 +96,21 @@ def sentence(rng:random.Random, names:list, places:list) -> str:
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
 LLAMA3_ROLES = {"system": "system", "user": "user", "bot": "assistant"}
 
-def llama3_text(messages:list) -> str:
+def llama3_text(messages:list, # dicts with role (system, user, bot) and content
+               ) -> str:
     "Render messages the way the guide's Llama-3 `prompt_template` does (without the BOS, which the tokenizer adds)."
     return "".join(f"<|start_header_id|>{LLAMA3_ROLES.get(m['role'], m['role'])}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
                    for m in messages)
 
-def fact(rng:random.Random) -> tuple:
+def fact(rng:random.Random, # the random generator drawn from
+        ) -> tuple:
     "A (noun, category) pair of the corpus's facts."
     c = rng.choice(sorted(CATEGORIES)); return rng.choice(CATEGORIES[c]), c
 
-def story_dialogue(rng:random.Random, names:list, places:list) -> str:
+def story_dialogue(rng:random.Random, # the random generator drawn from
+                   names:list, # invented person names to use
+                   places:list, # invented place names to use
+                  ) -> str:
     "A chat in the Llama-3 layout: a request and a story answer; half of them describe the thing asked about."
     n, a = rng.choice(NOUNS), rng.choice(ADJS)
     if rng.random() < 0.5:
@@ -117,7 +127,11 @@ def story_dialogue(rng:random.Random, names:list, places:list) -> str:
     if rng.random() < 0.3: msgs.insert(0, {"role": "system", "content": "You are a helpful storyteller."})
     return llama3_text(msgs)
 
-def corpus(seed:int=0, n_lines:int=20000, dialogue_share:float=0.25, fact_share:float=0.25) -> list:
+def corpus(seed:int=0, # the corpus's seed (same seed, same lines)
+           n_lines:int=20000, # how many lines
+           dialogue_share:float=0.25, # the share of lines that are story dialogues
+           fact_share:float=0.25, # the share of lines that are category facts; the rest is prose
+          ) -> list:
     "The pre-training corpus: story dialogues in the Llama-3 layout, category facts ('The red fox is an animal.'), prose."
     rng = random.Random(seed)
     names, places = invented_names(rng, 400), invented_names(rng, 250)
@@ -131,7 +145,9 @@ def corpus(seed:int=0, n_lines:int=20000, dialogue_share:float=0.25, fact_share:
     return lines
 
 # %% ../nbs/01_zoo.ipynb #40a20b20
-def train_tokenizer(lines:list, vocab_size:int=4096):
+def train_tokenizer(lines:list, # the training texts
+                    vocab_size:int=4096, # the BPE vocabulary size, the Llama-3 special tokens included
+                   ):
     "Train the zoo's byte-level BPE on `lines`; returns a `PreTrainedTokenizerFast`."
     from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, processors
     from transformers import PreTrainedTokenizerFast
@@ -151,7 +167,9 @@ def train_tokenizer(lines:list, vocab_size:int=4096):
                                    model_max_length=512)
 
 # %% ../nbs/01_zoo.ipynb #e4b43d50
-def fact_accuracy(model, tok) -> float:
+def fact_accuracy(model, # the causal LM to probe (eval mode during the probe)
+                  tok, # its tokenizer
+                 ) -> float:
     "Share of facts ('The {noun} is', 'The {adjective} {noun} is') where `model` scores the right category above the four others."
     import torch
     cats = sorted(CATEGORIES)
@@ -170,8 +188,20 @@ def fact_accuracy(model, tok) -> float:
     return (score.argmax(-1) == torch.tensor([cats.index(c) for _, c in nouns])).float().mean().item()
 
 # %% ../nbs/01_zoo.ipynb #36001a22
-def pretrain(model, tok, lines:list, max_steps:int=1500, seq_len:int=64, batch:int=32, lr:float=2e-3, warmup:int=30,
-             every:int=50, target:float=0.95, anneal:int=60, seed:int=0, log=None) -> dict:
+def pretrain(model, # the causal LM to train in place
+             tok, # its tokenizer (eos separates the lines)
+             lines:list, # the pre-training texts
+             max_steps:int=1500, # stop checking and anneal after this many steps at the latest
+             seq_len:int=64, # tokens per training block
+             batch:int=32, # blocks per step
+             lr:float=2e-3, # the peak learning rate (AdamW, linear warmup)
+             warmup:int=30, # warmup steps
+             every:int=50, # check `fact_accuracy` every this many steps
+             target:float=0.95, # the fact accuracy two checks in a row must reach
+             anneal:int=60, # steps of linear decay to 0 after the target is held
+             seed:int=0, # the seed of the block sampling
+             log=None, # called with one line per check; None: silent
+            ) -> dict:
     "Next-token pre-training on `lines` packed into `seq_len` blocks until `fact_accuracy` holds `target` (two checks), then an anneal."
     import torch
     ids = tok(lines)["input_ids"]
@@ -200,7 +230,9 @@ def pretrain(model, tok, lines:list, max_steps:int=1500, seq_len:int=64, batch:i
                 fact_accuracy=round(acc, 3))
 
 # %% ../nbs/01_zoo.ipynb #413209b6
-def tiny_llama_config(tok, **kw):
+def tiny_llama_config(tok, # the zoo tokenizer (vocabulary size and special token ids)
+                      **kw,
+                     ):
     "The zoo's Llama config: hidden 256, 4 layers, 4 heads, untied embeddings."
     from transformers import LlamaConfig
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
@@ -210,7 +242,11 @@ def tiny_llama_config(tok, **kw):
                                  pad_token_id=tok.pad_token_id), **kw})
 
 # %% ../nbs/01_zoo.ipynb #ec2d0930
-def build_tiny_llama(out:Path, max_steps:int=1500, seed:int=0, log=print):
+def build_tiny_llama(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                     max_steps:int=1500, # the most pre-training steps
+                     seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
+                     log=print, # called with the pre-training progress lines
+                    ):
     "Train the tokenizer, pre-train the tiny Llama until it knows the facts, save both (and the Llama-3 chat template) to `out`."
     import torch
     from transformers import LlamaForCausalLM, GenerationConfig
@@ -233,7 +269,11 @@ def build_tiny_llama(out:Path, max_steps:int=1500, seed:int=0, log=print):
                 last_loss=round(sum(r["losses"][-20:]) / 20, 3), pretrain_seconds=round(time.time() - t, 1))
 
 # %% ../nbs/01_zoo.ipynb #2753fca6
-def build_tiny_llama_cls(out:Path, num_labels:int=2, seed:int=0, log=print):
+def build_tiny_llama_cls(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                         num_labels:int=2, # the classification head's outputs
+                         seed:int=0, # the head's init seed
+                         log=print, # unused: every builder takes it (`get` passes its logger)
+                        ):
     "The tiny Llama backbone with a freshly initialized (seeded) sequence-classification head."
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
@@ -247,7 +287,10 @@ def build_tiny_llama_cls(out:Path, num_labels:int=2, seed:int=0, log=print):
     return dict(parameters=sum(p.numel() for p in model.parameters()), num_labels=num_labels, backbone="tiny-llama")
 
 # %% ../nbs/01_zoo.ipynb #ea7f1af9
-def build_tiny_clip(out:Path, seed:int=0, log=print):
+def build_tiny_clip(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                    seed:int=0, # the init seed
+                    log=print, # unused: every builder takes it (`get` passes its logger)
+                   ):
     "A tiny CLIP (vision and text towers, randomly initialized with a seed) and its image processor."
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPImageProcessor
@@ -266,7 +309,8 @@ def build_tiny_clip(out:Path, seed:int=0, log=print):
 CHAT_QUESTIONS = ["What kind of thing is the {a} {n}?", "Name the category of the {a} {n}.", "Tell me what a {a} {n} is."]
 SYSTEM_PROMPTS = ["You are a precise assistant.", "Answer in one short sentence."]
 
-def chat_turn(rng:random.Random):
+def chat_turn(rng:random.Random, # the random generator drawn from
+             ):
     "One (key, question, answer) of the chat task."
     c = rng.choice(sorted(CATEGORIES)); n = rng.choice(CATEGORIES[c]); a = rng.choice(ADJS); q = rng.randrange(len(CHAT_QUESTIONS))
     return (a, n, q), CHAT_QUESTIONS[q].format(a=a, n=n), f"It is {c}."
@@ -276,7 +320,13 @@ def _write_jsonl(path:Path, records:list):
         for r in records: f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return len(records)
 
-def build_chat(out:Path, n_train:int=2000, n_val:int=100, n_test:int=60, seed:int=0, log=print):
+def build_chat(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+               n_train:int=2000, # train records
+               n_val:int=100, # val records
+               n_test:int=60, # held-out test records
+               seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
+               log=print, # unused: every builder takes it (`get` passes its logger)
+              ):
     "The `chat` sample: single- and multi-turn category questions; `test` prompts are held out from `train`."
     rng = random.Random(seed)
     test, held = [], set()
@@ -298,7 +348,12 @@ def build_chat(out:Path, n_train:int=2000, n_val:int=100, n_test:int=60, seed:in
     return dict(records=counts, format="chat", held_out="test (adjective, noun, question form) triples never occur in train")
 
 # %% ../nbs/01_zoo.ipynb #2d34e6af
-def build_preferences(out:Path, n_train:int=600, n_val:int=100, seed:int=0, log=print):
+def build_preferences(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                      n_train:int=600, # train pairs
+                      n_val:int=100, # val pairs
+                      seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
+                      log=print, # unused: every builder takes it (`get` passes its logger)
+                     ):
     "`pair_preferences`: the right category (answer_w) against a wrong one (answer_l)."
     rng = random.Random(seed + 1)
     def record(i, split):
@@ -310,7 +365,12 @@ def build_preferences(out:Path, n_train:int=600, n_val:int=100, seed:int=0, log=
                              val=_write_jsonl(out/"val.jsonl", [record(i, "val") for i in range(n_val)])),
                 format="pair_preferences")
 
-def build_classification(out:Path, n_train:int=600, n_val:int=200, seed:int=0, log=print):
+def build_classification(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                         n_train:int=600, # train records
+                         n_val:int=200, # val records
+                         seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
+                         log=print, # unused: every builder takes it (`get` passes its logger)
+                        ):
     "`classification`: does the sentence mention an animal (label 1) or not (label 0)?"
     rng = random.Random(seed + 2)
     others = [n for c, ns in CATEGORIES.items() if c != "an animal" for n in ns]
@@ -327,7 +387,11 @@ def build_classification(out:Path, n_train:int=600, n_val:int=200, seed:int=0, l
 SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
                 "purple": (140, 60, 170), "black": (20, 20, 20)}
 
-def draw_shape(shape:str, color:str, size:int=64, jitter:int=0):
+def draw_shape(shape:str, # "circle", "square"; anything else draws a triangle
+               color:str, # a key of `SHAPE_COLORS`
+               size:int=64, # the image's width and height in pixels
+               jitter:int=0, # pixels added to the margin (negative: a larger shape)
+              ):
     "A PIL image of one coloured shape on white."
     from PIL import Image, ImageDraw
     im = Image.new("RGB", (size, size), "white"); d = ImageDraw.Draw(im)
@@ -337,7 +401,11 @@ def draw_shape(shape:str, color:str, size:int=64, jitter:int=0):
     else: d.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=rgb)
     return im
 
-def build_multimodal(out:Path, n_images:int=120, seed:int=0, log=print):
+def build_multimodal(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                     n_images:int=120, # images (and records); a sixth go to val
+                     seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
+                     log=print, # unused: every builder takes it (`get` passes its logger)
+                    ):
     "`multimodal`: generated images of coloured shapes, with a question and the answer."
     rng = random.Random(seed + 3)
     (out/"images").mkdir()
@@ -354,7 +422,11 @@ def build_multimodal(out:Path, n_images:int=120, seed:int=0, log=print):
     return dict(records=dict(train=_write_jsonl(out/"train.jsonl", recs[:k]), val=_write_jsonl(out/"val.jsonl", recs[k:])),
                 format="multimodal", images=n_images, image_size=64)
 
-def build_rag(out:Path, n_people:int=80, seed:int=0, log=print):
+def build_rag(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+              n_people:int=80, # invented people: one passage and two questions each
+              seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
+              log=print, # unused: every builder takes it (`get` passes its logger)
+             ):
     "`rag`: a passage collection about invented people, and chat questions answered by one passage each."
     rng = random.Random(seed + 4)
     people, places = invented_names(rng, n_people), invented_names(random.Random(seed + 5), 40)
@@ -392,7 +464,10 @@ def _locked(path:Path):
 
 def _log(msg): print(f"alignlab zoo: {msg}", file=sys.stderr, flush=True)
 
-def get(name:str, rebuild:bool=False, log=_log) -> Path:
+def get(name:str, # a key of `ITEMS`, e.g. 'tiny-llama' or 'chat'
+        rebuild:bool=False, # build it again even if it is there
+        log=_log, # called with the build's progress lines (default: stderr)
+       ) -> Path:
     "The local folder of zoo item `name`, built on first use."
     if name not in ITEMS: raise KeyError(f"unknown zoo item {name!r}; the zoo has: {', '.join(ITEMS)}")
     out = zoo_dir()/name
@@ -415,23 +490,27 @@ def get(name:str, rebuild:bool=False, log=_log) -> Path:
         log(f"built {name} in {card['build_seconds']} s")
     return out
 
-def card_markdown(card:dict) -> str:
+def card_markdown(card:dict, # the card dict `get` writes to card.json (name, description, facts)
+                 ) -> str:
     "A model/data card as markdown."
     rows = "\n".join(f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in card.items()
                      if k not in ("name", "description"))
     return (f"# {card['name']}\n\n{card['description']}.\n\nBuilt offline by `alignlab.zoo` (no download): every step is "
             f"seeded, so the same zoo version gives the same files.\n\n| field | value |\n|---|---|\n{rows}\n")
 
-def card(name:str) -> dict:
+def card(name:str, # a key of `ITEMS`
+        ) -> dict:
     "The card of zoo item `name` (building it if needed)."
     return json.loads((get(name)/"card.json").read_text())
 
-def card_pane(name:str):
+def card_pane(name:str, # a key of `ITEMS`
+             ):
     "The card of `name` as a Panel Markdown pane (for notebooks and `panel serve`)."
     import panel as pn
     return pn.pane.Markdown((get(name)/"README.md").read_text(), name=name, sizing_mode="stretch_width")
 
 # %% ../nbs/01_zoo.ipynb #f7697fb9
-def build_all(log=_log) -> dict:
+def build_all(log=_log, # called with the builds' progress lines (default: stderr)
+             ) -> dict:
     "Build every zoo item; returns name → folder."
     return {n: get(n, log=log) for n in ITEMS}

@@ -18,8 +18,14 @@ def _records(src) -> list:
         return [json.loads(l) for l in Path(src).read_text().splitlines() if l.strip()]
     return [r if isinstance(r, dict) and "messages" in r else {"id": str(i), "messages": r} for i, r in enumerate(src)]
 
-def inspect_view(record:dict, tokenizer, template:ChatTemplate=LLAMA3, only_answer_loss:bool=True, keep_end:bool=False,
-                 max_tokens_count:int=0, inference:bool=False) -> str:
+def inspect_view(record:dict, # a chat record with `messages` (and `id`, shown in the title)
+                 tokenizer, # the model's tokenizer
+                 template:ChatTemplate=LLAMA3, # the prompt template the chat is rendered with
+                 only_answer_loss:bool=True, # loss on bot turns only (else on every turn)
+                 keep_end:bool=False, # truncate from the start (keeping a leading system prompt) instead of the end
+                 max_tokens_count:int=0, # truncate to whole messages within this many tokens; 0: no limit
+                 inference:bool=False, # show the inference prompt (no loss, ends with the bot prefix)
+                ) -> str:
     "The HTML of one record under these settings (a dropped record says why)."
     title = f"record {record.get('id', '?')}"
     try:
@@ -30,8 +36,15 @@ def inspect_view(record:dict, tokenizer, template:ChatTemplate=LLAMA3, only_answ
     return sample_html(s, title=title)
 
 # %% ../../nbs/12_inspect_tokens.ipynb #d48bc7fd
-def token_inspector(records, tokenizer, template:ChatTemplate=None, only_answer_loss:bool=None, keep_end:bool=None,
-                    max_tokens_count:int=None, inference:bool=False, max_options:int=500):
+def token_inspector(records, # chat records: a list, a JSONL path or a dataset (its options become the defaults)
+                    tokenizer, # the model's tokenizer
+                    template:ChatTemplate=None, # the prompt template; None: the dataset's, else Llama 3
+                    only_answer_loss:bool=None, # the checkbox's start value; None: the dataset's option, else True
+                    keep_end:bool=None, # the checkbox's start value; None: the dataset's option, else False
+                    max_tokens_count:int=None, # the slider's start value (0: no limit); None: the dataset's option
+                    inference:bool=False, # start with the inference prompt shown
+                    max_options:int=500, # up to this many records a dropdown picks from; more: an index input
+                   ):
     "A Panel layout: pick a record, toggle the settings, see tokens, mask and cut update live."
     import panel as pn
     pn.extension()
@@ -58,7 +71,13 @@ def token_inspector(records, tokenizer, template:ChatTemplate=None, only_answer_
                      sizing_mode="stretch_width")
 
 # %% ../../nbs/12_inspect_tokens.ipynb #53a55423
-def export_html(records, tokenizer, path, template:ChatTemplate=None, n_records:int=5, max_tokens_count:int=0):
+def export_html(records, # chat records: a list, a JSONL path or a dataset
+                tokenizer, # the model's tokenizer
+                path, # the HTML file to write
+                template:ChatTemplate=None, # the prompt template; None: the dataset's, else Llama 3
+                n_records:int=5, # how many of the first records the page holds
+                max_tokens_count:int=0, # truncate to whole messages within this many tokens; 0: no limit
+               ):
     "Write a self-contained static inspector for the first `n_records` (JS/CSS inline, no CDN)."
     import panel as pn
     from bokeh.resources import INLINE
