@@ -42,6 +42,7 @@ def is_complete(ckpt, # a checkpoint directory
     except (OSError, ValueError): return False
     return all((ckpt/f).is_file() and (ckpt/f).stat().st_size == n for f, n in info.get("files", {}).items())
 
+# %% ../nbs/07a_checkpoints.ipynb #566bf083
 def _step(p:Path):
     try: return int(p.name.split("-", 1)[1]) if p.name.startswith("checkpoint-") and p.is_dir() else None
     except ValueError: return None

@@ -32,6 +32,10 @@ def _merge(a):
     from alignlab.models import merge_from_settings
     print(f"merged model: {merge_from_settings(a.settings_path)}")
 
+def _convert(a):
+    from alignlab.models import convert_to_safetensors
+    for f in convert_to_safetensors(a.path): print(f"wrote {f}")
+
 def _train(a):
     from alignlab.recipes import recipe
     from alignlab.run import ExperimentSettings, train
@@ -74,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--settings_path", "--experiment_settings_path", dest="settings_path", required=True,
                    help="JSON: model_settings, adapter_path, save_path (tokenizer_settings, special_tokens_settings, max_shard_size optional)")
     m.set_defaults(func=_merge)
+    c = sub.add_parser("convert_to_safetensors", help="write model.safetensors beside a model directory's pickled pytorch_model.bin "
+                       "(read with torch.load(weights_only=True): tensors only)")
+    c.add_argument("path", help="the model directory (pytorch_model.bin, or shards with pytorch_model.bin.index.json)")
+    c.set_defaults(func=_convert)
     from alignlab.recipes import RECIPES  # the table is plain data: importing it loads no model code
     for r in RECIPES:
         t = sub.add_parser(r.command, help=f"train {r.what} from the guide's experiment settings")

@@ -60,14 +60,16 @@ def pad_collate(items:list, # dataset items: dicts with `input_ids` (and `attent
 # %% ../nbs/04_collate.ipynb #493cd016
 class ClassificationCollator:
     "Right-padded `input_ids`/`attention_mask` and an int `labels` tensor."
-    def __init__(self, pad_id:int): self.pad_id = pad_id
+    def __init__(self, pad_id:int, # the tokenizer's pad id
+                ): self.pad_id = pad_id
     def __call__(self, items):
         ids, mask = pad_batch([x["input_ids"] for x in items], self.pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([int(x["labels"]) for x in items], dtype=torch.long)}
 
 class PairCollator:
     "Chosen rows then rejected rows in one padded batch, and a per-pair `margin` (0 where a record has none)."
-    def __init__(self, pad_id:int): self.pad_id = pad_id
+    def __init__(self, pad_id:int, # the tokenizer's pad id
+                ): self.pad_id = pad_id
     def __call__(self, items):
         ids, mask = pad_batch([x["inputs_w"]["input_ids"] for x in items] + [x["inputs_l"]["input_ids"] for x in items], self.pad_id)
         m = [x.get("precomputed_margin") for x in items]
@@ -167,7 +169,10 @@ def _lengths(ds) -> np.ndarray:
 
 class PackedDataset:
     "Rows of several samples of `ds`, at most `max_tokens` tokens each, with `position_ids` restarting per sample."
-    def __init__(self, ds, max_tokens:int, too_long:Literal["error", "skip"]="error"):
+    def __init__(self, ds, # the dataset to pack: a `ChatDataset` (lengths read from its store) or any dataset of `input_ids` items
+                 max_tokens:int, # the most tokens in one packed row
+                 too_long:Literal["error", "skip"]="error", # a sample longer than `max_tokens`: raise, or leave it out (listed in `skipped`)
+                ):
         if too_long not in ("error", "skip"): raise ValueError(f"too_long must be 'error' or 'skip', got {too_long!r}")
         self.ds, self.max_tokens = ds, max_tokens
         self.lengths = _lengths(ds)
@@ -237,8 +242,12 @@ def _flatten(items:list) -> dict:
 
 class Collator:
     "A `data_collator` for HF `Trainer`: pads plain items; pads packed rows (with `position_ids`) without crossing samples."
-    def __init__(self, pad_id:int, packing:bool=False, pad_to_multiple_of:Optional[int]=None, block_mask:bool=False,
-                 dtype=torch.float32):
+    def __init__(self, pad_id:int, # the tokenizer's pad id (`labels` are padded with IGNORE_INDEX)
+                 packing:bool=False, # pack the plain items of each batch into one row (`position_ids` restart per sample)
+                 pad_to_multiple_of:Optional[int]=None, # round the width up (8 or 64 for tensor cores)
+                 block_mask:bool=False, # packed rows also get the 4-D block-diagonal mask (models that do not detect packing)
+                 dtype=torch.float32, # the mask's dtype (the model's)
+                ):
         self.pad_id, self.packing, self.pad_to_multiple_of, self.block_mask, self.dtype = pad_id, packing, pad_to_multiple_of, block_mask, dtype
     def __call__(self, items:list) -> dict:
         if "position_ids" not in items[0]:

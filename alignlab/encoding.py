@@ -37,6 +37,81 @@ class TokenStore:
 
 def _seed(seed, rid): return seed * 1_000_003 + zlib.crc32(str(rid).encode())
 
+# %% ../nbs/02a_encoding.ipynb #7d3480a4
+def _render(tpl:ChatTemplate, # the prompt template
+            msgs:list, # the chat's messages
+            hi:int, # render `msgs[:hi]` (an allowed end)
+            last_bot, # `last_trained_bot(msgs, hi)`
+            prefixes:dict, # cache of `tpl.prefix(role)`, filled as roles are met
+            only_answer_loss:bool, # loss on bot turns only
+            only_last_replica_loss:bool, # loss on the last trained bot turn only
+            inference:bool, # a prompt: append the bot prefix, nothing carries loss
+           ):
+    "Step 1: the text of `msgs[:hi]` and its trained character intervals, by `carries_loss`; a role the template lacks raises `KeyError`."
+    suf = tpl.suffix_template; pieces = []; pos = 0; iv = []
+    for j in range(hi):
+        m = msgs[j]; r = role_of(m)
+        p = prefixes.get(r)
+        if p is None: p = prefixes[r] = tpl.prefix(r)
+        c = m["content"]; pos += len(p); pieces += (p, c, suf)
+        if carries_loss(m, r, j, last_bot, only_answer_loss, only_last_replica_loss, inference): iv.append((pos, pos + len(c) + len(suf)))
+        pos += len(c) + len(suf)
+    if inference:
+        p = prefixes.get("bot") or prefixes.setdefault("bot", tpl.prefix("bot")); pieces.append(p)
+    return "".join(pieces), iv
+
+
+# %% ../nbs/02a_encoding.ipynb #8c1a7863
+def _tokenize_masked(backend, # a fast tokenizer's `backend_tokenizer`
+                     texts:list, # the rendered chats
+                     ivs:list, # per text, its trained character intervals `(start, end)`
+                    ):
+    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss)`: all token ids, their loss mask, and per text its token and loss-token counts."
+    encs = backend.encode_batch(texts)
+    tl = np.fromiter(map(len, encs), np.int64, len(encs)); total = int(tl.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
+    off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total).reshape(-1, 2)
+    # one global character axis: text k starts at base[k]
+    tlen = np.fromiter(map(len, texts), np.int64, len(texts)); base = np.concatenate([[0], np.cumsum(tlen)[:-1]])
+    off += np.repeat(base, tl)[:, None]
+    giv = [(a + b0, b + b0) for iv, b0 in zip(ivs, base.tolist()) for a, b in iv]
+    mask = overlap_mask(off, giv).astype(np.uint8)
+    tstart = np.concatenate([[0], np.cumsum(tl)])
+    nloss = np.add.reduceat(mask, tstart[:-1]) if total else np.zeros(len(tl), np.int64)
+    return ids, mask, tl, np.where(tl > 0, nloss, 0)
+
+
+# %% ../nbs/02a_encoding.ipynb #cd83869f
+def _encode_by_rule(tpl:ChatTemplate, # the prompt template
+                    tokenizer, # the model's tokenizer
+                    chat:list, # the chat's messages
+                    seed:int, # the seed of its random cut
+                    **kw, # `encode`'s other options (limit, loss rules, inference, ...)
+                   ):
+    "Step 4, one chat through `encode`: `(ids, mask, status, kept)`, or `(None, None, reason, None)` when it is dropped."
+    try:
+        s = encode(tpl, tokenizer, chat, seed=seed, **kw)
+        return (np.asarray(s.input_ids, np.int32), np.asarray([l != IGNORE_INDEX for l in s.labels], np.uint8),
+                "truncated" if s.truncated else "ok", s.kept)
+    except (TruncationError, KeyError, ValueError) as e: return None, None, str(e.args[0]) if e.args else str(e), None
+
+
+# %% ../nbs/02a_encoding.ipynb #e8bef6b1
+def _splice(idx, # the chunk's chat indices
+            lens, # `lens[k]`: the token count of chat `idx[k]`
+            extra:dict, # chat index -> `(ids, mask)` of the chats encoded one at a time
+            ids, # the batched chats' token ids, in chunk order
+            mask, # their loss mask
+           ):
+    "The chunk's `(ids, mask)` in chat order: the batched tokens, with each chat of `extra` put in its place."
+    gptr = np.concatenate([[0], np.cumsum([lens[k] if i not in extra else 0 for k, i in enumerate(idx)])])
+    ids_parts, mask_parts = [], []
+    for k, i in enumerate(idx):
+        if i in extra: ids_parts.append(extra[i][0]); mask_parts.append(extra[i][1])
+        else: ids_parts.append(ids[gptr[k]:gptr[k + 1]]); mask_parts.append(mask[gptr[k]:gptr[k + 1]])
+    return np.concatenate(ids_parts) if ids_parts else ids, np.concatenate(mask_parts) if mask_parts else mask
+
+
 # %% ../nbs/02a_encoding.ipynb #1de9ea66
 def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered with
                  tokenizer, # the model's tokenizer; fast: batched, slow: one chat at a time by `encode`
@@ -57,7 +132,7 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
     bos_text = tokenizer.bos_token if front else None
     backend = tokenizer.backend_tokenizer if fast else None
     store, kept, status = TokenStore(), np.zeros((n, 2), np.int32), [None] * n
-    prefixes, suf = {}, tpl.suffix_template
+    prefixes = {}
     kw = dict(max_tokens_count=max_tokens_count, only_answer_loss=only_answer_loss, keep_end=keep_end, inference=inference,
               only_last_replica_loss=only_last_replica_loss, ends_on_bot=ends_on_bot, random_cut=random_cut)
     for c0 in range(0, n, chunk_size):
@@ -67,37 +142,16 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
             msgs = chats[i]
             ends = allowed_ends(msgs, inference, ends_on_bot, random_cut, seeds[i] if seeds else 0)
             if not ends: status[i] = "no bot message" if not inference else "nothing to prompt with"; continue
-            hi = ends[0]; pieces = []; pos = 0; iv = []
+            hi = ends[0]
             last_bot = last_trained_bot(msgs, hi)
-            try:
-                for j in range(hi):
-                    m = msgs[j]; r = role_of(m)
-                    p = prefixes.get(r)
-                    if p is None: p = prefixes[r] = tpl.prefix(r)
-                    c = m["content"]; pos += len(p); pieces += (p, c, suf)
-                    if carries_loss(m, r, j, last_bot, only_answer_loss, only_last_replica_loss, inference): iv.append((pos, pos + len(c) + len(suf)))
-                    pos += len(c) + len(suf)
-                if inference:
-                    p = prefixes.get("bot") or prefixes.setdefault("bot", tpl.prefix("bot")); pieces.append(p)
+            try: text, iv = _render(tpl, msgs, hi, last_bot, prefixes, only_answer_loss, only_last_replica_loss, inference)
             except KeyError as e: status[i] = str(e.args[0]); continue
-            text = "".join(pieces)
             if not fast or back or (bos_text and text.startswith(bos_text)): slow.append(i); continue
             texts.append(text); fast_i.append(i); ivs.append(iv); kept[i] = (0, hi)
         lens = np.zeros(len(idx), np.int64)
         ids = mask = np.zeros(0)
         if texts:
-            encs = backend.encode_batch(texts)
-            tl = np.fromiter(map(len, encs), np.int64, len(encs)); total = int(tl.sum())
-            ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
-            off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total).reshape(-1, 2)
-            # one global character axis: text k starts at base[k]
-            tlen = np.fromiter(map(len, texts), np.int64, len(texts)); base = np.concatenate([[0], np.cumsum(tlen)[:-1]])
-            off += np.repeat(base, tl)[:, None]
-            giv = [(a + b0, b + b0) for iv, b0 in zip(ivs, base.tolist()) for a, b in iv]
-            mask = overlap_mask(off, giv).astype(np.uint8)
-            tstart = np.concatenate([[0], np.cumsum(tl)])
-            nloss = np.add.reduceat(mask, tstart[:-1]) if total else np.zeros(len(tl), np.int64)
-            nloss = np.where(tl > 0, nloss, 0)
+            ids, mask, tl, nloss = _tokenize_masked(backend, texts, ivs)
             bad = (tl > max_tokens_count) if max_tokens_count is not None else np.zeros(len(tl), bool)
             if not inference and ends_on_bot: bad |= nloss == 0
             for k in np.flatnonzero(bad).tolist(): slow.append(fast_i[k])
@@ -109,18 +163,11 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
         if slow:  # one at a time, by the rule; then splice into chunk order
             extra = {}
             for i in sorted(slow):
-                try:
-                    s = encode(tpl, tokenizer, chats[i], seed=seeds[i] if seeds else 0, **kw)
-                    extra[i] = (np.asarray(s.input_ids, np.int32), np.asarray([l != IGNORE_INDEX for l in s.labels], np.uint8))
-                    status[i] = "truncated" if s.truncated else "ok"; kept[i] = s.kept; lens[i - c0] = len(s)
-                except (TruncationError, KeyError, ValueError) as e: status[i] = str(e.args[0]) if e.args else str(e)
-            gptr = np.concatenate([[0], np.cumsum([lens[i - c0] if i not in extra else 0 for i in idx])])
-            ids_parts, mask_parts = [], []
-            for k, i in enumerate(idx):
-                if i in extra: ids_parts.append(extra[i][0]); mask_parts.append(extra[i][1])
-                else: ids_parts.append(ids[gptr[k]:gptr[k + 1]]); mask_parts.append(mask[gptr[k]:gptr[k + 1]])
-            ids, mask = np.concatenate(ids_parts) if ids_parts else ids, np.concatenate(mask_parts) if mask_parts else mask
+                e_ids, e_mask, status[i], e_kept = _encode_by_rule(tpl, tokenizer, chats[i], seeds[i] if seeds else 0, **kw)
+                if e_ids is not None: extra[i] = (e_ids, e_mask); kept[i] = e_kept; lens[i - c0] = len(e_ids)
+            ids, mask = _splice(idx, lens, extra, ids, mask)
         for i in idx:
             if status[i] not in ("ok", "truncated"): lens[i - c0] = 0; kept[i] = (0, 0)
         store.add(ids, mask, lens)
     return store, kept, status
+

@@ -6,16 +6,16 @@
 __all__ = ['count_parameters', 'schedule', 'Plan', 'Experiment']
 
 # %% ../nbs/11_experiment.ipynb #aecdb7ba
-import math, time
+import math, os, time
 from pathlib import Path
 from .settings import SettingsError, load_settings
 from .data import DatasetSettings, PromptTemplateSettings
 from .models import (ModelSettings, TokenizerSettings, SpecialTokensSettings, LoraSettings, PrefixTuningSettings,
-                             PromptTuningSettings, PTuningSettings, parse_model_settings, resolve_path)
+                             PromptTuningSettings, PTuningSettings, parse_model_settings, resolve_path, tokenizer_line)
 from .train import TrainerSettings, ClassificationLossSettings
 from .cherry_picks import CherryPickSettings
 from .recipes import recipe
-from .run import ExperimentSettings, train
+from .run import ExperimentSettings, train, training_budget
 from .templates import ChatTemplate
 
 # %% ../nbs/11_experiment.ipynb #42490c1e
@@ -44,18 +44,20 @@ def count_parameters(ms:ModelSettings, # the model settings (its config is read;
 def schedule(ts:TrainerSettings, # the trainer settings (batch size, accumulation, epochs or max_steps, warmup, ...)
              n_rows:int, # training rows per epoch (samples, or packed rows)
              world_size:int=1, # processes training together (data parallel)
+             what:str="records", # what a row is, for the `line`
+             evaluates:bool=True, # there is a validation set (else no evaluation, as `make_trainer` does)
             ) -> dict:
-    "Steps, epochs, warmup, evaluation and saving of a run on `n_rows` training rows."
+    "Rows per step, steps, epochs (`alignlab.run.training_budget`: its `line` and `warnings`), warmup, evaluation and saving of a run on `n_rows` training rows."
     a = ts.to_training_arguments("/tmp/alignlab-plan")
-    per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * world_size
-    steps_per_epoch = max(1, math.ceil(n_rows / per_step))
-    steps = a.max_steps if a.max_steps and a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
-    warm = a.warmup_steps if a.warmup_steps and a.warmup_steps >= 1 else math.ceil(steps * (a.warmup_ratio or 0)) if hasattr(a, "warmup_ratio") else 0
-    ev = str(getattr(a.eval_strategy, "value", a.eval_strategy))
+    b = training_budget(ts, n_rows, world_size, what, evaluates)
+    steps, w = b["steps"], a.warmup_steps or 0  # transformers 5: a warmup_steps below 1 is a ratio
+    warm = w if w >= 1 else math.ceil(steps * (w or getattr(a, "warmup_ratio", 0) or 0))
+    ev = str(getattr(a.eval_strategy, "value", a.eval_strategy)) if evaluates else "no (no validation set)"
     sv = str(getattr(a.save_strategy, "value", a.save_strategy))
-    return dict(rows=n_rows, rows_per_step=per_step, steps=steps, epochs=round(steps / steps_per_epoch, 2), learning_rate=a.learning_rate,
+    return dict(rows=n_rows, rows_per_step=b["rows_per_step"], steps=steps, epochs=round(b["epochs"], 2), learning_rate=a.learning_rate,
                 scheduler=str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)), warmup_steps=warm,
-                evaluate=(f"every {a.eval_steps} steps" if ev == "steps" else ev), save=(f"every {a.save_steps} steps" if sv == "steps" else sv))
+                evaluate=(f"every {a.eval_steps} steps" if ev == "steps" else ev), save=(f"every {a.save_steps} steps" if sv == "steps" else sv),
+                line=b["line"], warnings=b["warnings"])
 
 # %% ../nbs/11_experiment.ipynb #c80b56f5
 def _table(rows) -> str:
@@ -65,15 +67,21 @@ def _table(rows) -> str:
 
 class Plan:
     "What an `Experiment` will do; a table in a notebook, text in a terminal."
-    def __init__(self, rows:list, datasets:dict, sample=None, notes:list=()):
-        self.rows, self.datasets, self.sample, self.notes = rows, datasets, sample, list(notes)
+    def __init__(self, rows:list, # `(label, value)` rows of the plan table
+                 datasets:dict, # name -> `DatasetReport` of the datasets the run will build
+                 sample=None, # a training `Sample` to show with its loss tokens marked (None: none)
+                 notes:list=(), # what the plan decided for you, one line each
+                 warnings:list=(), # settings that make the run do more (or less) than it reads as, one line each
+                ):
+        self.rows, self.datasets, self.sample, self.notes, self.warnings = rows, datasets, sample, list(notes), list(warnings)
     def __getitem__(self, k): return dict(self.rows)[k]
     def __repr__(self):
         lines = [f"{k:>22}: {v}" for k, v in self.rows] + [f"{'dataset ' + n:>22}: {r!r}" for n, r in self.datasets.items()]
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes])
     def _repr_html_(self):
         import html
         parts = ["<h3>Experiment plan</h3>", _table(self.rows)]
+        parts += [f"<p style='color:#b71c1c'><b>warning</b>: {html.escape(w)}</p>" for w in self.warnings]
         parts += [f"<p><b>note</b>: {html.escape(n)}</p>" for n in self.notes]
         for n, r in self.datasets.items(): parts += [f"<h4>{html.escape(n)}</h4>", r._repr_html_()]
         if self.sample is not None: parts += ["<h4>a training sample (loss tokens marked)</h4>", self.sample._repr_html_()]
@@ -110,7 +118,9 @@ _PEFT = {"LORA": LoraSettings, "PREFIX_TUNING": PrefixTuningSettings, "PROMPT_TU
 # %% ../nbs/11_experiment.ipynb #e11c0000
 class _Doors:
     "The two doors: the guide's JSON in (`from_settings`) and out (`to_settings`), validated once per change."
-    def __init__(self, run_dir=None, seed:int=42):
+    def __init__(self, run_dir=None, # the run directory (`log_path`); None: `runs/experiment-<date>-<time>`
+                 seed:int=42, # the run's seed (data sampling, model init, trainer)
+                ):
         self._d = {"log_path": str(run_dir or Path("runs")/time.strftime("experiment-%Y%m%d-%H%M%S")), "seed": seed}
         self._cache, self._explicit_type = {}, None
 
@@ -143,7 +153,7 @@ class _Doors:
 
 # %% ../nbs/11_experiment.ipynb #e11c0001
 class _ModelChain(_Doors):
-    "The chain's model calls: run directory, seed, model, tokenizer, special and new tokens, PEFT."
+    "The chain's model calls: run directory, seed, model, tokenizer, special and new tokens."
     def run_dir(self, path, # the run directory (created when training starts)
                ) -> "Experiment":
         "Where checkpoints, logs and the final model go (the guide's `log_path`)."
@@ -196,6 +206,9 @@ class _ModelChain(_Doors):
     def _with_model(self, **kw) -> "Experiment":
         return self._model({**self._d.get("model_settings", {"model_path": "tiny-llama", "model_type": self._implied_type() or "causal"}), **kw})
 
+# %% ../nbs/11_experiment.ipynb #8de8cd66
+class _PeftChain(_ModelChain):
+    "The chain's PEFT calls: LoRA, prefix, prompt and p-tuning (the guide's `peft_settings`)."
     def _peft(self, name, kw) -> "Experiment":
         ps = load_settings(_PEFT[name], {"name": name, **kw})
         return self._with_model(peft_settings=ps.model_dump(mode="json", exclude_unset=True) | {"name": name})
@@ -203,20 +216,28 @@ class _ModelChain(_Doors):
     def lora(self, r:int=16, # the rank of the low-rank updates
              lora_alpha:int=None, # the scaling numerator (updates are scaled by alpha / r); None: `r`
              lora_dropout:float=0.0, # dropout on the LoRA input
-             target_modules=None, # module names to adapt; None: PEFT's default for the architecture
+             target_modules=None, # module names to adapt; None: the settings' default, turbo's ["q_proj", "v_proj"]
              **kw,
             ) -> "Experiment":
         "Train a LoRA adapter (the guide's `peft_settings` with `name: LORA`); `lora_alpha` defaults to `r`."
         kw = {"r": r, "lora_alpha": lora_alpha or r, "lora_dropout": lora_dropout, **({"target_modules": target_modules} if target_modules else {}), **kw}
         return self._peft("LORA", kw)
 
-    def prefix_tuning(self, **kw) -> "Experiment": return self._peft("PREFIX_TUNING", kw)
-    def prompt_tuning(self, **kw) -> "Experiment": return self._peft("PROMPT_TUNING", kw)
-    def p_tuning(self, **kw) -> "Experiment": return self._peft("P_TUNING", kw)
+    def prefix_tuning(self, **kw) -> "Experiment":
+        "Train prefix tuning (`peft_settings` with `name: PREFIX_TUNING`; its keys as keywords)."
+        return self._peft("PREFIX_TUNING", kw)
+
+    def prompt_tuning(self, **kw) -> "Experiment":
+        "Train prompt tuning (`peft_settings` with `name: PROMPT_TUNING`; its keys as keywords)."
+        return self._peft("PROMPT_TUNING", kw)
+
+    def p_tuning(self, **kw) -> "Experiment":
+        "Train p-tuning (`peft_settings` with `name: P_TUNING`; its keys as keywords)."
+        return self._peft("P_TUNING", kw)
 
 # %% ../nbs/11_experiment.ipynb #e11c0002
-class _TrainChain(_ModelChain):
-    "The chain's data and training calls: datasets, trainer settings, focal loss, packing, cherry-picks."
+class _DataChain(_PeftChain):
+    "The chain's data calls: the training (and validation) dataset of one of the three kinds."
     def _dataset(self, kind, train, val, template, **kw) -> "Experiment":
         if val is None and _zoo_dataset(train): val = train  # a zoo dataset brings its validation split
         train, val = _zoo_split(train, "train"), _zoo_split(val, "val")
@@ -262,6 +283,9 @@ class _TrainChain(_ModelChain):
         "Train a reward model on a pair_preferences dataset."
         return self._dataset("pair_preferences", train, val, template, **kw)
 
+# %% ../nbs/11_experiment.ipynb #52212e06
+class _TrainChain(_DataChain):
+    "The chain's training calls: trainer settings, focal loss, packing, cherry-picks."
     def trainer(self, **kw) -> "Experiment":
         "The guide's `trainer_settings` (any Hugging Face `TrainingArguments` field; `loss_settings` for classification)."
         loss = kw.pop("loss_settings", None)
@@ -310,7 +334,7 @@ class _Plan(_TrainChain):
         return self._cache["ds"]
 
     def plan(self) -> Plan:
-        "What `fit()` will do: model, trainable parameters, datasets (mask doctor), a sample, the schedule."
+        "What `fit()` will do: model, trainable parameters, datasets (mask doctor), a sample, rows per step, steps and epochs, the schedule."
         s = self.settings()
         tok = self._tokenizer(s)
         train, val = self._datasets(s, tok)
@@ -327,15 +351,17 @@ class _Plan(_TrainChain):
             bins = pack([len(train[i]["input_ids"]) for i in range(len(train))], s.train_dataset_settings.max_tokens_count or 2048)
             notes.append(f"packing: {len(train)} chats in {len(bins)} rows")
             n_rows = len(bins)
-        sch = schedule(s.trainer_settings, n_rows)
+        sch = schedule(s.trainer_settings, n_rows, int(os.environ.get("WORLD_SIZE", 1)),
+                       what=f"packed rows ({len(train)} chats)" if s.packing else "records", evaluates=val is not None)
         peft = ms.peft_settings.name if ms.peft_settings else (f"adapter {ms.adapter_path}" if ms.adapter_path else "full fine-tuning")
         rows = [("objective", f"{s.objective} ({s.recipe.command})"), ("run directory", s.log_path), ("seed", s.seed),
-                ("model", f"{ms.model_path} ({ms.model_type})"), ("method", peft), ("parameters", params),
+                ("model", f"{ms.model_path} ({ms.model_type}, {ms.transformers_settings.dtype})"), ("method", peft), ("parameters", params),
+                ("tokenizer", tokenizer_line(tok).removeprefix("tokenizer: ")),
                 ("template", repr(s.train_dataset_settings.prompt_template.template.prefix_template)),
                 ("train", f"{len(train)} samples, {train.report.n_dropped} dropped"),
                 ("validation", f"{len(val)} samples, {val.report.n_dropped} dropped" if val is not None else "none"),
-                ("schedule", f"{sch['steps']} steps ({sch['epochs']} epochs) of {sch['rows_per_step']} rows, lr {sch['learning_rate']:g} "
-                             f"{sch['scheduler']}, warmup {sch['warmup_steps']}"),
+                ("training", sch["line"].removeprefix("training: ")),
+                ("schedule", f"lr {sch['learning_rate']:g} {sch['scheduler']}, warmup {sch['warmup_steps']} steps"),
                 ("evaluate / save", f"{sch['evaluate']} / {sch['save']}")]
         if s.cherry_pick_settings:
             cp = s.cherry_pick_settings
@@ -344,7 +370,7 @@ class _Plan(_TrainChain):
         if s.logging_settings: notes.append("logging_settings (W&B / ClearML) are not used by alignlab: set trainer_settings.report_to (e.g. tensorboard)")
         if s.checkpoint_uploader_callback_parameters: notes.append("checkpoint_uploader_callback_parameters (S3 upload) are not used by alignlab: checkpoints stay in the run directory")
         sample = train.sample(0) if s.objective == "sft" and len(train) else None
-        return Plan(rows, {"train": train.report, **({"validation": val.report} if val is not None else {})}, sample, notes)
+        return Plan(rows, {"train": train.report, **({"validation": val.report} if val is not None else {})}, sample, notes, sch["warnings"])
 
 # %% ../nbs/11_experiment.ipynb #2c20306e
 class Experiment(_Plan):

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from .settings import Settings, SettingsError, load_settings
 from .data import DatasetSettings, build_dataset
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
-from .generate import GenerationSettings, VLLMEngineSettings, check_vllm_settings
+from .generate import GenerationSettings, VLLMEngineSettings, check_vllm_generation
 from .collate import batched_logits
 
 # %% ../nbs/06a_inference.ipynb #b3569768
@@ -26,13 +26,19 @@ class ModelInferenceSettings(Settings):
     generation_settings: list[GenerationSettings] = [GenerationSettings()]
     use_vllm: bool = False
     vllm_engine_settings: VLLMEngineSettings = VLLMEngineSettings()
-    batch: int = Field(16, ge=1)
+    batch: int = Field(16, ge=1)  # turbo: 1; speed only: the forward batch of classification / reward inference (chat: custom_settings.batch)
+    micro_batch: Optional[int] = Field(None, ge=1)  # turbo: 1; speed only: when given, the forward batch instead of batch; chat: not read
+
+    @property
+    def forward_batch(self) -> int:
+        "Rows per forward pass of classification / reward inference: `micro_batch` when given (turbo's meaning), else `batch`."
+        return self.micro_batch or self.batch
 
     @model_validator(mode="after")
     def _check(self):
         if self.use_vllm:
             for j, g in enumerate(self.generation_settings):
-                try: check_vllm_settings(g.transformers_settings)
+                try: check_vllm_generation(g)
                 except SettingsError as e: raise SettingsError(f"generation_settings[{j}].transformers_settings.{e}") from None
             if self.model_settings.peft_settings is not None:
                 raise SettingsError("model_settings.peft_settings: a new adapter cannot be served by vLLM; expected adapter_path (a trained adapter)")
@@ -129,7 +135,8 @@ def load_for_inference(ms:ModelInferenceSettings, # one item of `inference_setti
 # %% ../nbs/06a_inference.ipynb #9f534af7
 class OutputLog:
     "`save_path/info.json`: what each output file holds, rewritten (atomically) whenever it changes."
-    def __init__(self, save_path:Path):
+    def __init__(self, save_path:Path, # the output directory (created); `info.json` is written there
+                ):
         self.dir = Path(save_path); self.dir.mkdir(parents=True, exist_ok=True)
         self.path, self.info = self.dir/"info.json", {}
     def _write(self):
@@ -145,18 +152,24 @@ class OutputLog:
         def write(recs):
             for r in recs: f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush(); self.info[name]["records"] += len(recs)
-        def close(errors=()):
+        def close(errors=(), **more):  # more: other entries of the file's info (e.g. metrics)
             f.close()
-            self.info[name].update(errors=list(errors), complete=True, seconds=round(time.time() - t0, 3)); self._write()
+            self.info[name].update(errors=list(errors), complete=True, seconds=round(time.time() - t0, 3), **more); self._write()
             for e in errors: print(f"{name}: record {e['id']}: {e['error']}", file=sys.stderr)
         write.close = close
         return write
 
 # %% ../nbs/06a_inference.ipynb #8a1e9dde
-def _datasets(ds_settings:DatasetSettings, tok, inference:bool):
-    "One dataset per source, so each output record knows its `dataset_name`."
-    return [build_dataset(ds_settings.model_copy(update={"sources": [s]}), tok, inference=inference, name=s.name)
-            for s in ds_settings.sources]
+def _read_sources(ds_settings:DatasetSettings, inference:bool=True) -> list:
+    "Per source, its checked records (`read_records`, no tokenizer): run before any model loads, so a bad record costs no load."
+    from alignlab.data import read_records
+    return [read_records(ds_settings.model_copy(update={"sources": [s]}), inference=inference, name=s.name) for s in ds_settings.sources]
+
+def _datasets(ds_settings:DatasetSettings, tok, inference:bool, records:list=None):
+    "One dataset per source, so each output record knows its `dataset_name` (`records`: `_read_sources`'s, else read here)."
+    records = records or _read_sources(ds_settings, inference)
+    return [build_dataset(ds_settings.model_copy(update={"sources": [s]}), tok, inference=inference, name=s.name, records=rs)
+            for s, rs in zip(ds_settings.sources, records)]
 
 def _dump(x): return x.model_dump(mode="json", exclude_unset=False)
 
@@ -166,6 +179,7 @@ def _seed(seed:int):
 
 def infer_chat(st:InferenceSettings, # the validated inference config
                log:OutputLog, # where the output files and `info.json` are written
+               records:list=None, # per source, its records as `read_records` checked them (None: read here)
               ) -> list:
     "Generate for every (model, generation setting); returns the output paths."
     from alignlab.generate import generate_records
@@ -177,7 +191,7 @@ def infer_chat(st:InferenceSettings, # the validated inference config
     for i, ms in enumerate(st.inference_settings):
         where = f"inference_settings[{i}]"
         model, tok = load_for_inference(ms, where, engines, adapters.get(_engine_key(ms, resolve_path(ms.model_settings.model_path)), ()) if ms.use_vllm else ())
-        dsets = _datasets(st.dataset_settings, tok, inference=True)
+        dsets = _datasets(st.dataset_settings, tok, inference=True, records=records)
         for j, gs in enumerate(ms.generation_settings):
             name = f"chat_m{i}_g{j}.jsonl"
             write = log.open(name, model_index=i, generation_index=j, backend="vllm" if ms.use_vllm else "transformers",
@@ -211,7 +225,19 @@ def _seq_cls(ms:ModelInferenceSettings, where:str):
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
-def _score_runs(st:InferenceSettings, log:OutputLog, stem:str, verb:str, score_chunk, chunk:int, num_labels_one:bool=False) -> list:
+def _classification_metrics(scored:list, num_labels:int) -> dict:
+    "Metrics over the records that have a label (`scored`: `(label, probabilities)` per record); how many had one."
+    import numpy as np
+    from alignlab.metrics import classification_metrics
+    lab = [(y, p) for y, p in scored if y is not None and 0 <= y < num_labels]
+    out = {"records": len(scored), "labelled": len(lab)}
+    bad = sum(1 for y, _ in scored if y is not None) - len(lab)
+    if bad: out["labels_out_of_range"] = bad  # a label the model's num_labels classes cannot be
+    if lab: out.update(classification_metrics(np.log(np.clip(np.array([p for _, p in lab], float), 1e-12, None)), [y for y, _ in lab]))
+    return out
+
+def _score_runs(st:InferenceSettings, log:OutputLog, stem:str, verb:str, score_chunk, chunk:int, num_labels_one:bool=False,
+                records:list=None, metrics:bool=False) -> list:
     "For each model: one output file; records the dataset dropped go to `errors`; the rest scored `chunk` records at a time and written as they come."
     out = []
     for i, ms in enumerate(st.inference_settings):
@@ -221,45 +247,78 @@ def _score_runs(st:InferenceSettings, log:OutputLog, stem:str, verb:str, score_c
             raise SettingsError(f"{where}.model_settings.num_labels: the model has {model.config.num_labels} labels; expected 1 (a reward model)")
         name = f"{stem}_m{i}.jsonl"
         write = log.open(name, model_index=i, model_settings=_dump(ms.model_settings), tokenizer_settings=_dump(ms.tokenizer_settings))
-        errors = []
-        for ds in _datasets(st.dataset_settings, tok, inference=False):
+        errors, scored = [], []
+        for ds in _datasets(st.dataset_settings, tok, inference=True, records=records):  # inference: a classification label is optional
             kept = [int(k) for k in ds.rows]
             errors += [{"id": r["id"], "error": f"not {verb}: {ds.status[k]}"} for k, r in enumerate(ds.records) if k not in set(kept)]
             for b in range(0, len(kept), chunk):
-                write(score_chunk(model, tok, ms, ds, kept[b:b + chunk]))
-        write.close(errors); out.append(log.dir/name)
+                recs = score_chunk(model, tok, ms, ds, kept[b:b + chunk])
+                if metrics: scored += [(r.get("label"), r["probabilities"]) for r in recs]
+                write(recs)
+        more = {}
+        if metrics:
+            more["metrics"] = m = _classification_metrics(scored, model.config.num_labels)
+            print(f"{name}: metrics over the {m['labelled']} of {m['records']} records that have a label"
+                  + (f" ({m['labels_out_of_range']} labels out of range 0..{model.config.num_labels - 1} left out)" if m.get("labels_out_of_range") else ""),
+                  file=sys.stderr)
+        write.close(errors, **more); out.append(log.dir/name)
     return out
 
+# %% ../nbs/06a_inference.ipynb #45c7574e
 def _ids(ds, j) -> list: return ds.store[j][0].astype("int64").tolist()
 
 def _classify(model, tok, ms, ds, rows) -> list:
     import torch
     recs = []
-    for k, lg in zip(rows, batched_logits(model, [_ids(ds, k) for k in rows], tok.pad_token_id, ms.batch)):
-        r, p = ds.records[k], torch.softmax(lg, -1)
+    for k, lg in zip(rows, batched_logits(model, [_ids(ds, k) for k in rows], tok.pad_token_id, ms.forward_batch)):
+        r, p = ds.records[k], torch.softmax(lg.float(), -1)  # float32 probabilities from a bfloat16 model too
         recs.append({"id": r["id"], "dataset_name": ds.report.name, "messages": r["messages"], "label": r.get("label"),
                      "predicted_label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]})
     return recs
 
 def _reward(model, tok, ms, ds, rows) -> list:
     js = [j for k in rows for j in ds.owners[k]]
-    score = {j: float(lg[0]) for j, lg in zip(js, batched_logits(model, [_ids(ds, j) for j in js], tok.pad_token_id, ms.batch))}
+    score = {j: float(lg[0]) for j, lg in zip(js, batched_logits(model, [_ids(ds, j) for j in js], tok.pad_token_id, ms.forward_batch))}
     return [{"id": r["id"], "dataset_name": r.get("dataset_name", ds.report.name), "messages": r["messages"], "answers": r["answers"],
              "rewards": {a["id"]: score[j] for a, j in zip(r["answers"], ds.owners[k])}} for k in rows for r in [ds.records[k]]]
 
 def infer_classification(st:InferenceSettings, # the validated inference config (seq_cls models, a classification dataset)
                          log:OutputLog, # where the output files and `info.json` are written
+                         records:list=None, # per source, its records as `read_records` checked them (None: read here)
                         ) -> list:
-    "Predicted label and class probabilities per record, one file per model."
-    return _score_runs(st, log, "classification", "classified", _classify, 256)
+    "Predicted label and class probabilities per record (a `label` is optional), one file per model; metrics over the labelled ones in `info.json`."
+    return _score_runs(st, log, "classification", "classified", _classify, 256, records=records, metrics=True)
 
 def infer_rm(st:InferenceSettings, # the validated inference config (1-label reward models, a sampling dataset)
              log:OutputLog, # where the output files and `info.json` are written
+             records:list=None, # per source, its records as `read_records` checked them (None: read here)
             ) -> list:
     "A reward per answer of each sampling record, one file per model."
-    return _score_runs(st, log, "rm", "scored", _reward, 64, num_labels_one=True)
+    return _score_runs(st, log, "rm", "scored", _reward, 64, num_labels_one=True, records=records)
 
 # %% ../nbs/06a_inference.ipynb #40936652
+def _preflight(st:InferenceSettings, kind:str, src) -> list:
+    "Every check that needs no model, for every entry, before the first model loads (a late entry's typo costs no run); the records per source."
+    import importlib.util
+    from alignlab.models import resolve_path, _check_checkpoint
+    from alignlab.generate import import_vllm
+    from alignlab.zoo import ITEMS
+    for i, ms in enumerate(st.inference_settings):
+        where, m = f"inference_settings[{i}]", ms.model_settings
+        try:
+            if kind != "chat":
+                if m.model_type != "seq_cls": raise SettingsError(f"{where}.model_settings.model_type: {m.model_type!r}; expected 'seq_cls' for inference_{kind}")
+                if ms.use_vllm: raise SettingsError(f"{where}.use_vllm: true, but vLLM serves generation only; expected use_vllm: false")
+            if ms.use_vllm and importlib.util.find_spec("vllm") is None: import_vllm(f"{where}.use_vllm")
+            for key in ("model_path", "adapter_path"):  # local directories (a zoo name is built when loaded)
+                p = getattr(m, key)
+                if p and p not in ITEMS: resolve_path(p, f"{where}.model_settings.{key}")
+            if m.model_path not in ITEMS: _check_checkpoint(resolve_path(m.model_path), m)
+        except SettingsError as e:
+            msg = str(e) if str(e).startswith(where) else f"{where}.{e}"
+            raise type(e)(f"{src}: {msg}") from None
+    return _read_sources(st.dataset_settings, inference=True)
+
 def run_inference(settings, # the guide's inference JSON: a dict, a path or an `InferenceSettings`
                   kind:Literal["chat", "classification", "rm"]="chat", # the command: inference_chat, inference_classification, inference_rm
                  ) -> Path:
@@ -267,9 +326,10 @@ def run_inference(settings, # the guide's inference JSON: a dict, a path or an `
     from alignlab.recipes import recipe  # the table of objectives: which data each inference command reads
     want = recipe(inference=kind, where="kind").inference_dataset_type
     st = load_settings(InferenceSettings, settings)
+    src = settings if isinstance(settings, (str, Path)) else "settings"
     if st.dataset_settings.dataset_type != want:
-        raise SettingsError(f"{settings if isinstance(settings, (str, Path)) else 'settings'}: dataset_settings.dataset_type: "
-                            f"{st.dataset_settings.dataset_type!r}; inference_{kind} expects {want!r}")
+        raise SettingsError(f"{src}: dataset_settings.dataset_type: {st.dataset_settings.dataset_type!r}; inference_{kind} expects {want!r}")
+    records = _preflight(st, kind, src)
     log = OutputLog(st.save_path)
-    {"chat": infer_chat, "classification": infer_classification, "rm": infer_rm}[kind](st, log)
+    {"chat": infer_chat, "classification": infer_classification, "rm": infer_rm}[kind](st, log, records=records)
     return log.dir

@@ -21,7 +21,8 @@ def generate_answers(model, # a causal LM
                     ) -> list:
     "Greedy answers to tokenized `prompts` (batched, left padded: `alignlab.generate`)."
     from alignlab.generate import generate
-    out = generate(model, tok, prompts, {"max_new_tokens": max_new_tokens, "do_sample": False}, {"batch": batch_size})
+    # greedy and no stop string, said explicitly: turbo's defaults (do_sample true, stop_strings '</s>') would change the answers
+    out = generate(model, tok, prompts, {"max_new_tokens": max_new_tokens, "do_sample": False, "stop_strings": None}, {"batch": batch_size})
     return [a[0]["content"].strip() for a in out]
 
 def exact_match(preds:list, # the predicted answers
@@ -44,14 +45,16 @@ def experiment(run_dir, # where the run writes its checkpoints, logs and final a
     "The quickstart's `Experiment` (not fitted yet)."
     from alignlab.experiment import Experiment
     data = zoo.get("chat")
+    # float32, no fp16, the last step's model: said explicitly, as the quickstart's results were measured (BENCHMARKS.md);
+    # turbo's defaults (bfloat16, fp16 on a GPU, load_best_model_at_end) would change them
     return (Experiment(run_dir=run_dir, seed=seed)
-            .model("tiny-llama")
+            .model("tiny-llama", transformers_settings={"torch_dtype": "float32"})
             .chat_dataset(data/"train.jsonl", template=LLAMA3, max_tokens_count=max_tokens_count, only_answer_loss=True)
             .lora(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=LORA_TARGETS)
             .trainer(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=lr,
                      lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
                      warmup_steps=max(1, steps // 20), weight_decay=0.0, max_grad_norm=1.0, logging_steps=5,
-                     eval_strategy="no", save_strategy="steps", save_steps=max(1, steps // 2)))
+                     eval_strategy="no", save_strategy="steps", save_steps=max(1, steps // 2), fp16=False, load_best_model_at_end=False))
 
 # %% ../nbs/13_quickstart.ipynb #dcd5df98
 def generations_html(rows:list, # per held-out prompt: prompt, gold, before, after, correct_before, correct_after
@@ -141,12 +144,14 @@ def reward_model(run_dir, # where to write (the merged SFT model and the reward 
     from alignlab.models import merge_adapters_to_base
     from alignlab.experiment import Experiment
     run_dir = Path(run_dir)
-    sft = merge_adapters_to_base({"model_path": "tiny-llama"}, run_dir/"sft-merged", adapter_path=adapter)
+    f32 = {"torch_dtype": "float32"}  # as measured (BENCHMARKS.md); turbo's default dtype is bfloat16
+    sft = merge_adapters_to_base({"model_path": "tiny-llama", "transformers_settings": f32}, run_dir/"sft-merged", adapter_path=adapter)
     p = zoo.get("preferences")
     return (Experiment(run_dir=run_dir/"rm", seed=seed)
-            .model(str(sft), model_type="seq_cls", num_labels=1)
+            .model(str(sft), model_type="seq_cls", num_labels=1, transformers_settings=f32)
             .preference_dataset(p/"train.jsonl", val=p/"val.jsonl", max_tokens_count=96)
             .trainer(max_steps=steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=32,
                      gradient_accumulation_steps=1, learning_rate=lr, warmup_steps=10, lr_scheduler_type=schedule,
-                     eval_strategy="steps", eval_steps=eval_steps, save_strategy="no", logging_steps=50, disable_tqdm=not progress)
+                     eval_strategy="steps", eval_steps=eval_steps, save_strategy="no", logging_steps=50, disable_tqdm=not progress,
+                     fp16=False, load_best_model_at_end=False)
             .fit(progress=progress))

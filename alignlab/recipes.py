@@ -32,7 +32,7 @@ class Recipe:
     inference_what:Optional[str] = None  # one line, for the inference command's help
     packs:bool = False  # `packing` applies
     has_loss_settings:bool = False  # `trainer_settings.loss_settings` applies
-    cherry_picks:bool = False  # `cherry_pick_settings` applies (generation during training)
+    cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; its own data: score); None: none
 
     @property
     def command(self) -> str: return f"train_{self.name}"
@@ -93,16 +93,18 @@ RECIPES = (
     Recipe("sft", "chat", "ChatDataset", "causal", "a causal LM by supervised fine-tuning (SFT) on chat data", "AlignTrainer",
            collator=_sft_collator, prepare=_sft_prepare,
            inference="chat", inference_dataset_type="chat",
-           inference_what="generate answers (Hugging Face or vLLM) for a chat dataset", packs=True, cherry_picks=True),
+           inference_what="generate answers (Hugging Face or vLLM) for a chat dataset", packs=True, cherry_picks="chat"),
     Recipe("classification", "classification", "ClassificationDataset", "seq_cls", "a sequence classifier on classification data",
            "ClassificationTrainer", collator=_classification_collator,
            trainer_settings=ClassificationTrainerSettings, prepare=_classification_prepare,
            metrics=lambda p: classification_metrics(p.predictions, p.label_ids), num_labels=(2, None),
            inference="classification", inference_dataset_type="classification",
-           inference_what="predicted labels and class probabilities for a classification dataset", has_loss_settings=True),
+           inference_what="predicted labels and class probabilities for a classification dataset", has_loss_settings=True,
+           cherry_picks="classification"),
     Recipe("rm", "pair_preferences", "PairPreferenceDataset", "seq_cls", "a reward model on pair_preferences data", "RewardTrainer",
            collator=_pair_collator, metrics=lambda p: reward_metrics(p.predictions), num_labels=(1, 1),
-           inference="rm", inference_dataset_type="sampling", inference_what="reward scores for the answers of a sampling dataset"),
+           inference="rm", inference_dataset_type="sampling", inference_what="reward scores for the answers of a sampling dataset",
+           cherry_picks="pair_preferences"),
 )
 
 # %% ../nbs/09_recipes.ipynb #e5f6db1d

@@ -26,6 +26,28 @@ def training_argument_fields() -> dict:
     return config_fields(TrainingArguments)
 
 # %% ../nbs/08_train.ipynb #387a06c7
+def _warmup_pair(data):
+    "`TrainerSettings`' turbo settings with warmup_steps and warmup_ratio both: as in transformers 4, warmup_steps > 0 wins, else the ratio."
+    if isinstance(data, dict) and "warmup_ratio" in data and "warmup_steps" in data:
+        data = dict(data); ratio = data.pop("warmup_ratio")
+        if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1):
+            raise SettingsError(f"warmup_ratio: expected a number in [0, 1), got {ratio!r}")
+        if data["warmup_steps"] in (0, None): data["warmup_steps"] = ratio
+    return data
+
+def _check_training_arguments(st):
+    "`TrainerSettings` `st` checked by TrainingArguments' own cross-field rules now, not at fit time (deepspeed needs its package: skipped)."
+    try: st.to_training_arguments("/nonexistent/alignlab-check", _check_only=True)
+    except SettingsError: raise
+    except (ValueError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        # name the field when the message starts with one of the values (TrainingArguments' enum errors do)
+        field = next((k for k, v in st.hf_kwargs().items() if isinstance(v, str) and v and msg.startswith(v)), None)
+        from alignlab.settings import _enum_message  # "x is not a valid Y, please select one of [...]" -> the value, the choices, a did-you-mean
+        raise SettingsError(_enum_message(f"{field}: {msg}" if field else msg)) from None
+    return st
+
+# %% ../nbs/08_train.ipynb #e26ed0bd
 class TrainerSettings(MirrorSettings):
     "The guide's `trainer_settings`: any Hugging Face `TrainingArguments` field (checked by name and type), alignlab defaults."
     eval_strategy: str = "steps"
@@ -41,9 +63,9 @@ class TrainerSettings(MirrorSettings):
     max_steps: int = -1
     lr_scheduler_type: str = "cosine"
     save_total_limit: Optional[int] = 1
-    fp16: bool = False
-    report_to: Union[str, list[str]] = "none"
-    load_best_model_at_end: bool = False
+    fp16: bool = True  # turbo's default; off (one warning) where there is no CUDA GPU
+    report_to: Union[str, list[str]] = "none"  # turbo: []; the same meaning
+    load_best_model_at_end: bool = True  # turbo's default; off (one note) where it cannot apply
     remove_unused_columns: bool = False
 
     mirror_of: ClassVar = "transformers.TrainingArguments"
@@ -56,17 +78,12 @@ class TrainerSettings(MirrorSettings):
             raise SettingsError(f"warmup_ratio: expected a number in [0, 1), got {v!r}")
         return super()._rename(k, v, data)  # transformers 5 reads a warmup_steps in [0, 1) as a ratio
 
+    @model_validator(mode="before")
+    @classmethod
+    def _turbo_pairs(cls, data): return _warmup_pair(data)  # turbo's settings carry warmup_steps and warmup_ratio both
+
     @model_validator(mode="after")
-    def _cross_check(self):
-        # let TrainingArguments apply its own cross-field rules now, not at fit time (deepspeed needs its package: skipped)
-        try: self.to_training_arguments("/nonexistent/alignlab-check", _check_only=True)
-        except SettingsError: raise
-        except (ValueError, TypeError) as e:
-            msg = " ".join(str(e).split())
-            # name the field when the message starts with one of the values (TrainingArguments' enum errors do)
-            field = next((k for k, v in self.hf_kwargs().items() if isinstance(v, str) and v and msg.startswith(v)), None)
-            raise SettingsError(f"{field}: {msg}" if field else msg) from None
-        return self
+    def _cross_check(self): return _check_training_arguments(self)  # TrainingArguments' cross-field rules, now
 
     def hf_kwargs(self) -> dict:
         "The `TrainingArguments` keyword arguments these settings give."
@@ -76,31 +93,76 @@ class TrainerSettings(MirrorSettings):
                               _check_only=False, # only validating: no deepspeed, the device make_trainer would pick, no fp16 check
                               **overrides,
                              ):
-        "Hugging Face `TrainingArguments` with `output_dir` and `overrides` (checked by name like the settings)."
-        from transformers import TrainingArguments
-        kw = self.hf_kwargs()
-        for k, v in overrides.items():
-            if k not in training_argument_fields(): raise SettingsError(f"{k}: not a TrainingArguments field; {did_you_mean(k, training_argument_fields())}")
-            kw[k] = check_config_value(self.mirror(), k, v)
-        if _check_only:
-            kw.pop("deepspeed", None)
-            # the check may set up accelerate's (singleton) device state: the same way make_trainer will
-            if "use_cpu" not in self.model_fields_set | set(self.model_extra or {}): kw["use_cpu"] = not _has_accelerator()
-        elif kw.get("fp16") or kw.get("fp16_full_eval"):
-            import torch
-            if not torch.cuda.is_available() and not kw.get("deepspeed"):
-                raise SettingsError("trainer_settings.fp16: true, but this machine has no CUDA GPU; expected false (or bf16 on a CPU that has it)")
-        try: return TrainingArguments(output_dir=str(output_dir), **kw)
-        except Exception as e:
-            if kw.get("deepspeed") and ("deepspeed" in str(e).lower() or isinstance(e, ImportError)):
-                raise SettingsError(f"trainer_settings.deepspeed: set, but DeepSpeed cannot start here ({' '.join(str(e).split())}); "
-                                    "expected the deepspeed package and a GPU (pip install deepspeed), or no deepspeed key") from None
-            raise
+        "Hugging Face `TrainingArguments` with `output_dir` and `overrides` (checked by name like the settings); `.alignlab_notes` says what was turned off."
+        notes = []
+        args = _training_arguments(output_dir, _training_kwargs(self, overrides, _check_only, notes))
+        args.alignlab_notes = notes
+        return args
 
 # %% ../nbs/08_train.ipynb #e935b870
 def _has_accelerator() -> bool:
     import torch
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
+
+# %% ../nbs/08_train.ipynb #e38fc265
+def _training_arguments(output_dir, # the `TrainingArguments.output_dir`
+                        kw:dict, # the other keyword arguments (`_training_kwargs`)
+                       ):
+    "`TrainingArguments(output_dir, **kw)`; a DeepSpeed that cannot start is a one-line `SettingsError`."
+    from transformers import TrainingArguments
+    try: return TrainingArguments(output_dir=str(output_dir), **kw)
+    except Exception as e:
+        if kw.get("deepspeed") and ("deepspeed" in str(e).lower() or isinstance(e, ImportError)):
+            raise SettingsError(f"trainer_settings.deepspeed: set, but DeepSpeed cannot start here ({' '.join(str(e).split())}); "
+                                "expected the deepspeed package and a GPU (pip install deepspeed), or no deepspeed key") from None
+        raise
+
+
+# %% ../nbs/08_train.ipynb #066df628
+def _training_kwargs(ts:TrainerSettings, # the trainer settings
+                     overrides:dict, # more `TrainingArguments` keys, checked by name and type like the settings
+                     check_only:bool=False, # only validating: no deepspeed, the device make_trainer would pick, no fp16 warning
+                     notes:list=None, # collects one line per setting turned off because it cannot apply; None: not kept
+                    ) -> dict:
+    "The keyword arguments `to_training_arguments` hands to `TrainingArguments`: fp16 off without CUDA, load_best_model_at_end off where it cannot apply."
+    import warnings
+    kw = ts.hf_kwargs()
+    given = ts.model_fields_set | set(ts.model_extra or {})
+    for k, v in overrides.items():
+        if k not in training_argument_fields(): raise SettingsError(f"{k}: not a TrainingArguments field; {did_you_mean(k, training_argument_fields())}")
+        kw[k] = check_config_value(ts.mirror(), k, v)
+        given = given | {k}
+    if check_only:
+        kw.pop("deepspeed", None)
+        # the check may set up accelerate's (singleton) device state: the same way make_trainer will
+        if "use_cpu" not in given: kw["use_cpu"] = not _has_accelerator()
+    if kw.get("bf16") and "fp16" not in given: kw["fp16"] = False  # bf16 asked for: turbo's fp16 default yields
+    for k in ("fp16", "fp16_full_eval"):
+        if kw.get(k) and not kw.get("deepspeed"):
+            import torch
+            if not torch.cuda.is_available() or kw.get("use_cpu"):
+                kw[k] = False
+                if not check_only:
+                    warnings.warn(f"trainer_settings.{k}: true{' (turbo-alignment default)' if k not in given else ''}, but fp16 mixed precision "
+                                  "needs a CUDA GPU and there is none here: turned off, training runs in the model's dtype", stacklevel=3)
+    if kw.get("load_best_model_at_end"):
+        why = _best_model_blocker(kw)
+        if why and "load_best_model_at_end" not in given:  # given explicitly: TrainingArguments' own one-line error
+            kw["load_best_model_at_end"] = False
+            if notes is not None: notes.append(f"load_best_model_at_end: off ({why}); the final model is the last step's")
+    return kw
+
+def _best_model_blocker(kw:dict):
+    "Why `load_best_model_at_end` cannot apply with these `TrainingArguments` keys (Hugging Face's rule), or None."
+    ev, sv = str(kw.get("eval_strategy", "no")), str(kw.get("save_strategy", "steps"))
+    if ev == "no": return "no evaluation (no validation set, or eval_strategy 'no')"
+    if sv == "best": return None
+    if ev != sv: return f"eval_strategy {ev!r} and save_strategy {sv!r} differ"
+    es, ss = kw.get("eval_steps") or kw.get("logging_steps"), kw.get("save_steps")
+    if ev == "steps" and all(isinstance(x, int) and x >= 1 for x in (es, ss)) and ss % es:
+        return f"save_steps {ss} is not a multiple of eval_steps {es}"
+    return None
+
 
 # %% ../nbs/08_train.ipynb #6c531f31
 class ClassificationLossSettings(Settings):
@@ -140,9 +202,12 @@ def fit(trainer, # a trainer `make_trainer` built (it knows its run directory)
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.time() - t0
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    at = int(Path(best).name.split("-")[-1]) if best else trainer.state.global_step  # load_best_model_at_end: the best checkpoint's weights
+    same = [h for h in evals if h.get("step") == at]
     if trainer.eval_dataset is None: final_eval = {}
-    elif evals and evals[-1].get("step") == trainer.state.global_step:  # the loop just evaluated the final weights
-        final_eval = {k: v for k, v in evals[-1].items() if k != "step"}
+    elif same:  # the loop already evaluated the final weights (the last step's, or the best checkpoint's)
+        final_eval = {k: v for k, v in same[-1].items() if k != "step"}
     else: final_eval = trainer.evaluate()
     final, tmp = run_dir/"final", run_dir/".final.tmp"
     if trainer.args.should_save: shutil.rmtree(tmp, ignore_errors=True)
@@ -162,7 +227,8 @@ def fit(trainer, # a trainer `make_trainer` built (it knows its run directory)
                    train_loss_last=losses[-1][1] if losses else None,
                    eval=final_eval, eval_history=[{k: v for k, v in h.items() if k.startswith("eval_") or k == "step"} for h in hist if "eval_loss" in h],
                    checkpoints=[str(p) for p in checkpoints(run_dir)], last_checkpoint=str(last_checkpoint(run_dir) or "") or None,
-                   resumed_from=str(ckpt) if ckpt else None, final_dir=str(final), train_seconds=round(train_s, 2),
+                   resumed_from=str(ckpt) if ckpt else None, final_dir=str(final), best_checkpoint=str(best) if best else None,
+                   train_seconds=round(train_s, 2),
                    world_size=trainer.args.world_size, n_train=len(trainer.train_dataset),
                    n_eval=len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0, notes=list(trainer.alignlab_notes) + ([note] if note else []))
     if trainer.args.should_save: (run_dir/"train_summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -83,4 +83,4 @@ class RewardTrainer(AlignTrainer):
 
 # %% ../nbs/08b_trainers.ipynb #c4e2b1a1
 class CherryPickCallback(CherryPicks, TrainerCallback):
-    "A `transformers.TrainerCallback`: generate on the cherry-pick datasets at each evaluation, store every generation and log the averages."
+    "A `transformers.TrainerCallback`: at each evaluation, generate on (chat) or score (classification, pair_preferences) the cherry-pick datasets, store every record and log the averages."

@@ -490,6 +490,7 @@ def get(name:str, # a key of `ITEMS`, e.g. 'tiny-llama' or 'chat'
         log(f"built {name} in {card['build_seconds']} s")
     return out
 
+# %% ../nbs/01_zoo.ipynb #714be0bc
 def card_markdown(card:dict, # the card dict `get` writes to card.json (name, description, facts)
                  ) -> str:
     "A model/data card as markdown."

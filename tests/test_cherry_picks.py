@@ -1,7 +1,9 @@
 """alignlab.cherry_picks: settings, the append-only review store (crash-safe), and the callback inside a real transformers.Trainer
-(tiny Llama + LoRA) with TensorBoard logging read back from the event files."""
+(tiny Llama + LoRA) with TensorBoard logging read back from the event files; the classification and reward-model cherry-picks
+(scored, not generated) through alignlab.run.train, checked against the model's own unbatched outputs."""
 import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
+import numpy as np
 import pytest, torch
 from alignlab import zoo
 from alignlab.settings import SettingsError, load_settings
@@ -21,7 +23,7 @@ def _cp(n=6, metrics=("length",), **gen):
     return {"dataset_settings": {"sources": [{"name": "chat_test", "records_path": str(zoo.get("chat") / "test.jsonl"), "num_samples": n}],
                                  "dataset_type": "chat", "max_tokens_count": 128},
             "metric_settings": [m if isinstance(m, dict) else {"type": m} for m in metrics],
-            "generator_transformers_settings": {"max_new_tokens": 6, **gen}, "custom_generation_settings": {"batch": 8}}
+            "generator_transformers_settings": {"max_new_tokens": 6, "do_sample": False, **gen}, "custom_generation_settings": {"batch": 8}}
 
 
 # ---- settings ----
@@ -102,7 +104,7 @@ def test_store_survives_sigkill(tmp_path):
 def policy():
     from alignlab.models import load_model
     torch.manual_seed(0)
-    return load_model({"model_path": "tiny-llama", "peft_settings": {"name": "LORA", "r": 8, "lora_alpha": 16,
+    return load_model({"transformers_settings": {"torch_dtype": "float32"}, "model_path": "tiny-llama", "peft_settings": {"name": "LORA", "r": 8, "lora_alpha": 16,
                                                                      "target_modules": ["q_proj", "v_proj", "o_proj"]}})
 
 
@@ -153,7 +155,7 @@ def test_trainer_writes_store_logs_and_tensorboard(policy, tmp_path):
     from alignlab.collate import Collator
     from alignlab.models import load_model
     model, tok = policy
-    rm, rm_tok = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "model_kwargs": {"num_labels": 1}})
+    rm, rm_tok = load_model({"transformers_settings": {"torch_dtype": "float32"}, "model_path": "tiny-llama", "model_type": "seq_cls", "model_kwargs": {"num_labels": 1}})
     chat = zoo.get("chat")
     ds = lambda f, n: build_dataset({"sources": [{"name": f, "records_path": str(chat / f"{f}.jsonl"), "num_samples": n}],
                                      "dataset_type": "chat", "max_tokens_count": 128}, tok)
@@ -222,3 +224,168 @@ def test_settings_round_trip():
     s = load_settings(CherryPickSettings, d)
     back = load_settings(CherryPickSettings, json.loads(json.dumps(s.model_dump(mode="json", exclude_unset=True))))
     assert back == s and back.metric_settings[0].params.ngram == 2 and back.generator_transformers_settings.num_return_sequences == 3
+
+
+# ---- classification and reward-model cherry-picks: scored, not generated ----
+
+def _scored_settings(kind, tmp_path, cp_metrics=None):
+    """A tiny classification (tiny Llama, 2-label head) or reward-model (1-label head) run through alignlab.run.train, with a
+    cherry-pick set of its own kind: 4 steps, an evaluation every 2."""
+    item, n_labels = {"classification": ("classification", 2), "pair_preferences": ("preferences", 1)}[kind]
+    ds = lambda split, n, name=None: {"sources": [{"name": name or f"{item}-{split}", "records_path": str(zoo.get(item) / f"{split}.jsonl"),
+                                                   "num_samples": n}], "dataset_type": kind, "max_tokens_count": 64}
+    cp = {"dataset_settings": ds("val", 12, "held_out")}
+    if cp_metrics is not None: cp["metric_settings"] = cp_metrics
+    return {"log_path": str(tmp_path / "run"), "seed": 0,
+            "model_settings": {"model_path": "tiny-llama", "model_type": "seq_cls", "model_kwargs": {"num_labels": n_labels},
+                               "transformers_settings": {"torch_dtype": "float32"}},
+            "train_dataset_settings": ds("train", 32), "val_dataset_settings": ds("val", 8),
+            "trainer_settings": {"max_steps": 4, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
+                                 "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2, "logging_steps": 2, "learning_rate": 3e-3,
+                                 "lr_scheduler_type": "constant", "load_best_model_at_end": False, "report_to": [], "disable_tqdm": True, "fp16": False},
+            "cherry_pick_settings": cp}
+
+
+def _probe(cp_dataset_settings):
+    """A trainer callback that, at each evaluation, runs the model on every cherry-pick record one at a time (no batching, no
+    padding) and keeps the raw outputs by step; independent of the cherry-pick code, which scores in padded batches."""
+    from transformers import TrainerCallback
+    from alignlab.data import build_dataset
+
+    class Probe(TrainerCallback):
+        def __init__(self): self.outputs, self.records, self.history = {}, None, None
+        def on_evaluate(self, args, state, control, model=None, processing_class=None, **kw):
+            if self.records is None:
+                ds = build_dataset(cp_dataset_settings, processing_class)
+                self.records = [ds[k] for k in range(len(ds))]
+            was = model.training; model.eval()
+            one = lambda ids: model(input_ids=torch.as_tensor(np.asarray(ids, np.int64))[None]).logits[0].float().numpy()
+            with torch.no_grad():
+                if "inputs_w" in self.records[0]:
+                    out = np.array([[one(r["inputs_w"]["input_ids"])[0], one(r["inputs_l"]["input_ids"])[0]] for r in self.records])
+                else: out = np.stack([one(r["input_ids"]) for r in self.records])
+            model.train(was)
+            self.outputs.setdefault(state.global_step, out)
+        def on_train_end(self, args, state, control, **kw): self.history = list(state.log_history)
+    return Probe()
+
+
+def test_classification_cherry_picks_score_each_evaluation(tmp_path):
+    from alignlab.run import train
+    cfg = _scored_settings("classification", tmp_path)
+    probe = _probe(cfg["cherry_pick_settings"]["dataset_settings"])
+    train(cfg, progress=False, callbacks=[probe])
+    labels = np.array([int(r["labels"]) for r in probe.records])
+    ids = [r["id"] for r in probe.records]
+    assert sorted(probe.outputs) == [2, 4] and len(ids) == 12
+    logged = [h for h in probe.history if "cherry_pick/held_out/accuracy" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    store = read_review_store(tmp_path / "run")
+    assert store.skipped == 0 and len(store) == 2 * 12 and sorted({r["step"] for r in store}) == [2, 4]
+    for h in logged:
+        out = probe.outputs[h["step"]]
+        pred = out.argmax(-1)
+        assert h["cherry_pick/held_out/accuracy"] == pytest.approx(np.mean(pred == labels))
+        recall = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
+        assert h["cherry_pick/held_out/balanced_accuracy"] == pytest.approx(np.mean(recall))
+        assert {"cherry_pick/held_out/f1", "cherry_pick/held_out/precision", "cherry_pick/held_out/recall", "cherry_pick/held_out/roc_auc"} <= set(h)
+        mine = {r["record_id"]: r for r in store if r["step"] == h["step"]}
+        assert list(mine) == ids
+        p = np.exp(out - out.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+        for k, rid in enumerate(ids):
+            r = mine[rid]
+            assert r["dataset"] == "held_out" and r["label"] == labels[k] and r["prediction"] == pred[k]
+            assert r["probabilities"] == pytest.approx(p[k].tolist(), abs=1e-4)
+            assert r["metrics"] == {"accuracy": int(pred[k] == labels[k])}
+            assert r["prompt"][-1]["role"] == "user" and isinstance(r["prompt"][-1]["content"], str)
+    # training moved the head: the two evaluations saw different outputs
+    assert not np.allclose(probe.outputs[2], probe.outputs[4])
+
+
+def test_rm_cherry_picks_score_each_evaluation(tmp_path):
+    from alignlab.run import train
+    cfg = _scored_settings("pair_preferences", tmp_path, cp_metrics=[])  # turbo-alignment's RM configs have metric_settings: []
+    probe = _probe(cfg["cherry_pick_settings"]["dataset_settings"])
+    train(cfg, progress=False, callbacks=[probe])
+    ids = [r["id"] for r in probe.records]
+    logged = [h for h in probe.history if "cherry_pick/held_out/pair_accuracy" in h]
+    assert [h["step"] for h in logged] == [2, 4] and len(ids) == 12
+    store = read_review_store(tmp_path / "run")
+    assert store.skipped == 0 and len(store) == 2 * 12
+    for h in logged:
+        w, l = probe.outputs[h["step"]].T
+        ties = int(np.sum(np.abs(w - l) < 1e-4))  # batched and unbatched forwards may order a near tie either way
+        assert h["cherry_pick/held_out/pair_accuracy"] == pytest.approx(np.mean(w > l), abs=ties / len(w) + 1e-9)
+        assert h["cherry_pick/held_out/reward_margin"] == pytest.approx(np.mean(w - l), abs=1e-4)
+        assert h["cherry_pick/held_out/reward_chosen"] == pytest.approx(np.mean(w), abs=1e-4)
+        assert h["cherry_pick/held_out/reward_rejected"] == pytest.approx(np.mean(l), abs=1e-4)
+        mine = {r["record_id"]: r for r in store if r["step"] == h["step"]}
+        assert list(mine) == ids
+        for k, rid in enumerate(ids):
+            r = mine[rid]
+            assert r["chosen_reward"] == pytest.approx(w[k], abs=1e-4) and r["rejected_reward"] == pytest.approx(l[k], abs=1e-4)
+            assert r["metrics"]["reward_margin"] == pytest.approx(w[k] - l[k], abs=1e-4)
+            if abs(w[k] - l[k]) >= 1e-4: assert r["metrics"]["pair_accuracy"] == int(w[k] > l[k])
+            rec = next(x for x in map(json.loads, (zoo.get("preferences") / "val.jsonl").read_text().splitlines()) if x["id"] == rid)
+            assert (r["chosen"], r["rejected"]) == (rec["answer_w"]["content"], rec["answer_l"]["content"])
+            assert r["prompt"] == [{"role": m["role"], "content": m["content"]} for m in rec["context"]]
+    assert not np.allclose(probe.outputs[2], probe.outputs[4])
+
+
+def _one_line_error(cfg):
+    from alignlab.run import ExperimentSettings
+    with pytest.raises(SettingsError) as e: load_settings(ExperimentSettings, cfg)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_scored_cherry_picks_one_line_errors(tmp_path):
+    cls, rm = _scored_settings("classification", tmp_path), _scored_settings("pair_preferences", tmp_path)
+    chat_cp = _cp()
+    # the cherry-pick data must be the training data's kind
+    msg = _one_line_error({**cls, "cherry_pick_settings": chat_cp})
+    assert msg == ("cherry_pick_settings.dataset_settings.dataset_type: 'chat', but classification data trains classification, "
+                   "whose cherry-picks read classification data; expected 'classification'"), msg
+    msg = _one_line_error({**rm, "cherry_pick_settings": cls["cherry_pick_settings"]})
+    assert msg.startswith("cherry_pick_settings.dataset_settings.dataset_type: 'classification', but pair_preferences data trains rm") \
+        and msg.endswith("expected 'pair_preferences'"), msg
+    msg = _one_line_error({**cls, "cherry_pick_settings": {"dataset_settings": {**cls["cherry_pick_settings"]["dataset_settings"], "dataset_type": "sampling"}}})
+    assert msg.startswith("cherry_pick_settings.dataset_settings.dataset_type: 'sampling' has no cherry-picks; expected one of"), msg
+    # a metric that makes no sense for the kind: named, with the kind
+    msg = _one_line_error({**cls, "cherry_pick_settings": {**cls["cherry_pick_settings"], "metric_settings": [{"type": "rouge"}]}})
+    assert msg.startswith("cherry_pick_settings.metric_settings[0].type: 'rouge' makes no sense for classification cherry-picks") \
+        and msg.endswith("expected 'accuracy'"), msg
+    msg = _one_line_error({**rm, "cherry_pick_settings": {**rm["cherry_pick_settings"], "metric_settings": [{"type": "accuracy"}, {"type": "kl"}]}})
+    assert msg.startswith("cherry_pick_settings.metric_settings[1].type: 'kl' makes no sense for pair_preferences cherry-picks"), msg
+    # generation keys do nothing here: refused, not ignored
+    msg = _one_line_error({**rm, "cherry_pick_settings": {**rm["cherry_pick_settings"], "generator_transformers_settings": {"max_new_tokens": 4}}})
+    assert msg.startswith("cherry_pick_settings.generator_transformers_settings: pair_preferences cherry-picks score the records"), msg
+    # and the chat cherry-picks of SFT still refuse a scoring kind for SFT data
+    from alignlab.run import ExperimentSettings
+    sft = {**cls, "model_settings": {"model_path": "tiny-llama", "model_type": "causal"},
+           "train_dataset_settings": chat_cp["dataset_settings"], "val_dataset_settings": None}
+    assert load_settings(ExperimentSettings, {**sft, "cherry_pick_settings": chat_cp}).cherry_pick_settings.kind == "chat"
+    assert "expected 'chat'" in _one_line_error({**sft, "cherry_pick_settings": cls["cherry_pick_settings"]})
+
+
+def test_scored_cherry_picks_check_the_model_and_labels(tmp_path):
+    from types import SimpleNamespace
+    from alignlab.models import load_model
+    model, tok = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "model_kwargs": {"num_labels": 2},
+                             "transformers_settings": {"torch_dtype": "float32"}})
+    rec = lambda i, y: {"id": f"r{i}", "messages": [{"role": "user", "content": f"record {i}"}], "label": y}
+    cp = lambda recs: {"dataset_settings": {"sources": [{"name": "h", "records_data": recs, "sample_rate": 1}], "dataset_type": "classification"}}
+    with pytest.raises(SettingsError, match=r"cherry_pick_settings.dataset_settings \(h\): label 5 of record 'r1' is out of range for a "
+                                            r"2-label model; expected labels 0..1"):
+        CherryPickCallback(cp([rec(0, 1), rec(1, 5)]), tok, tmp_path).attach(SimpleNamespace(model=model))
+    pairs = {"dataset_settings": {"sources": [{"name": "p", "records_path": str(zoo.get("preferences") / "val.jsonl"), "num_samples": 2}],
+                                  "dataset_type": "pair_preferences"}}
+    with pytest.raises(SettingsError, match="rm needs 1 output, the model has 2"):
+        CherryPickCallback(pairs, tok, tmp_path).attach(SimpleNamespace(model=model))
+    # without a trainer, run() checks the same and scores: the store gets one line per record
+    cb = CherryPickCallback(cp([rec(0, 1), rec(1, 0), rec(2, 1)]), tok, tmp_path / "ok")
+    logs = cb.run(model, step=7)
+    recs = read_review_store(tmp_path / "ok")
+    assert [r["record_id"] for r in recs] == ["r0", "r1", "r2"] and {r["step"] for r in recs} == {7}
+    assert logs["cherry_pick/h/accuracy"] == pytest.approx(np.mean([r["prediction"] == r["label"] for r in recs]))
+    assert cb.skipped == {} or all(k.startswith("h/") for k in cb.skipped)

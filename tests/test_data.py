@@ -45,8 +45,9 @@ def write(tmp_path, *lines, name="d.jsonl"):
     ({"id": "1"}, "chat", ":2: messages: missing field"),
     ({"id": "1", "messages": [{"role": "tool", "content": "x"}]}, "chat", ":2: messages[0].role: unknown role 'tool'"),
     ({"id": "1", "messages": []}, "chat", ":2: messages: empty messages"),
-    ({"id": "1", "messages": [{"role": "user", "content": ["x"]}]}, "chat", ":2: messages[0].content: expected a string, got list"),
-    ({"id": "1", "messages": [{"role": "user", "content": "x"}], "label": 1.5}, "classification", ":2: label: expected an int class index, got float"),
+    ({"id": "1", "messages": [{"role": "user", "content": ["x"]}]}, "chat", ':2: messages[0].content: expected a string, got list ["x"]'),
+    ({"id": "1", "messages": [{"role": "user", "content": "x"}], "label": 1.5}, "classification", ":2: label: expected an int class index, got float 1.5"),
+    ({"id": "1", "messages": [{"role": "usr", "content": "x"}]}, "chat", ":2: messages[0].role: unknown role 'usr' (expected system, user, bot or assistant); did you mean 'user'?"),
     ({"id": "1", "messages": [{"role": "user", "contnet": "x"}]}, "chat", ":2: messages[0].contnet: unknown key; did you mean 'content'?"),
     ({"id": "0", "messages": [{"role": "user", "content": "x"}]}, "chat", ":2: id: duplicate id '0' (first at"),
     ({"id": "1", "context": [{"role": "user", "content": "x"}], "answer_w": {"role": "bot", "content": "a"}}, "pair_preferences", ":2: answer_l: missing field"),
@@ -135,3 +136,125 @@ def test_other_dataset_types(tok):
                          "dataset_type": "classification"}, tok)
     assert len(cls) == 20 and isinstance(cls[0]["labels"], int)
     assert cls[0]["input_ids"].tolist() == LLAMA3.encode(tok, cls.records[0]["messages"], ends_on_bot=False, only_answer_loss=False).input_ids
+
+
+# --- turbo-alignment's dataset keys ---------------------------------------------------------------------------------------
+
+CUSTOM = {"role_tag_mapping": {"user": "USER", "bot": "BOT", "system": "SYS"}, "prefix_template": "<{role}>: ", "suffix_template": "\n"}
+
+
+def test_turbo_nested_chat_settings_use_their_template(tok):
+    """turbo's classification config nests the chat part under chat_settings: its non-default prompt_template is the one used
+    (never alignlab's default Llama-3 template); the flat form gives the same samples; pair_preferences and sampling alike."""
+    from alignlab import zoo
+    from alignlab.templates import ChatTemplate
+    src = [{"name": "c", "records_path": str(zoo.get("classification") / "val.jsonl"), "num_samples": 8}]
+    nested = {"sources": src, "dataset_type": "classification",
+              "chat_settings": {"dataset_type": "chat", "prompt_template": CUSTOM, "max_tokens_count": 64, "only_answer_loss": True}}
+    ds = build_dataset(nested, tok)
+    assert len(ds) == 8
+    tpl = ChatTemplate(CUSTOM["role_tag_mapping"], CUSTOM["prefix_template"], CUSTOM["suffix_template"])
+    for k in range(len(ds)):
+        ids = ds[k]["input_ids"].tolist()
+        assert ids == tpl.encode(tok, ds.records[int(ds.rows[k])]["messages"], max_tokens_count=64, ends_on_bot=False, only_answer_loss=False).input_ids
+        text = tok.decode(ids)
+        assert "<USER>: " in text and "<|start_header_id|>" not in text
+    flat = build_dataset({"sources": src, "dataset_type": "classification", "prompt_template": CUSTOM, "max_tokens_count": 64}, tok)
+    assert [flat[k]["input_ids"].tolist() for k in range(len(flat))] == [ds[k]["input_ids"].tolist() for k in range(len(ds))]
+    psrc = [{"name": "p", "records_path": str(zoo.get("preferences") / "val.jsonl"), "num_samples": 4}]
+    pair = build_dataset({"sources": psrc, "dataset_type": "pair_preferences", "add_labels": False,
+                          "chat_settings": {"prompt_template": CUSTOM, "max_tokens_count": 96}}, tok)
+    assert "<BOT>: " in tok.decode(pair[0]["inputs_w"]["input_ids"])
+    with pytest.raises(SettingsError, match="chat_settings.prompt_template: given both in chat_settings and at the top level"):
+        load_settings(DatasetSettings, {**nested, "prompt_template": CUSTOM})
+    with pytest.raises(SettingsError, match="chat_dataset: turbo-alignment nests the chat settings under 'chat_dataset' for sampling data only"):
+        load_settings(DatasetSettings, {"sources": src, "dataset_type": "classification", "chat_dataset": {}})
+
+
+def test_single_eos(tok):
+    """single_eos (turbo 0.0.4, default true): nothing appended; false: the tokenizer's EOS after every training sample, label
+    -100, within max_tokens_count; inference prompts never get one."""
+    from alignlab import zoo
+    d = {"sources": [{"name": "v", "records_path": str(zoo.get("chat") / "val.jsonl"), "num_samples": 40}], "max_tokens_count": 40}
+    one, two = build_dataset(d, tok), build_dataset({**d, "single_eos": False}, tok)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert len(one) == len(two) > 0 and two.report.n_dropped == one.report.n_dropped
+    for k in range(len(two)):
+        a, b = one[k], two[k]
+        assert a["input_ids"][-1] == eot and tok.eos_token_id not in a["input_ids"].tolist()
+        assert b["input_ids"][-1] == tok.eos_token_id and b["labels"][-1] == IGNORE_INDEX and len(b["input_ids"]) <= 40
+        if len(a["input_ids"]) < 40: assert b["input_ids"][:-1].tolist() == a["input_ids"].tolist()  # the same sample, plus EOS
+        s = two.sample(k)
+        assert s.input_ids == b["input_ids"].tolist() and s.labels == b["labels"].tolist()
+    # a sample exactly at the limit: with the EOS it no longer fits, so it is cut (whole messages) or dropped
+    rec, L = one.records[int(one.rows[0])], len(one[0]["input_ids"])
+    tight = build_dataset({"sources": [{"name": "t", "records_data": [rec], "sample_rate": 1}], "max_tokens_count": L, "single_eos": False}, tok)
+    assert len(tight) == 0 or (tight.report.truncated == 1 and len(tight[0]["input_ids"]) <= L)
+    assert len(build_dataset({"sources": [{"name": "t", "records_data": [rec], "sample_rate": 1}], "max_tokens_count": L + 1, "single_eos": False}, tok)[0]["input_ids"]) == L + 1
+    inf = build_dataset({**d, "single_eos": False}, tok, inference=True)
+    assert all(inf[k]["input_ids"][-1] != tok.eos_token_id for k in range(len(inf)))
+    pair = build_dataset({"sources": [{"name": "p", "records_path": str(zoo.get("preferences") / "val.jsonl"), "num_samples": 4}],
+                          "dataset_type": "pair_preferences", "single_eos": False}, tok)
+    assert all(pair[0][s]["input_ids"][-1] == tok.eos_token_id for s in ("inputs_w", "inputs_l"))
+    cls = build_dataset({"sources": [{"name": "c", "records_path": str(zoo.get("classification") / "val.jsonl"), "num_samples": 4}],
+                         "dataset_type": "classification", "single_eos": False}, tok)
+    assert cls[0]["input_ids"][-1] == tok.eos_token_id
+    # classification inference encodes as training does: the same ids, EOS included
+    cinf = build_dataset({"sources": [{"name": "c", "records_path": str(zoo.get("classification") / "val.jsonl"), "num_samples": 4}],
+                          "dataset_type": "classification", "single_eos": False}, tok, inference=True)
+    assert cinf[0]["input_ids"].tolist() == cls[0]["input_ids"].tolist()
+
+
+# --- nothing dropped silently; an empty or unusable dataset is named before any model loads ---------------------------------
+
+def test_empty_records_file_names_the_file_and_the_source(tmp_path, tok):
+    from alignlab.data import read_records
+    p = write(tmp_path, "", name="empty.jsonl")  # a blank line: no records
+    with pytest.raises(DataError) as e:
+        build_dataset({"sources": [{"name": "train_src", "records_path": str(p), "sample_rate": 1}]}, tok, name="train")
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (f"{p}: no records in source 'train_src'; so dataset 'train' has no records; "
+                                       "expected at least one (a JSON object per line)"), msg
+    one = write(tmp_path, GOOD, name="one.jsonl")
+    with pytest.raises(DataError) as e: read_records({"sources": [{"name": "s", "records_path": str(one), "num_samples": 0}]})
+    assert str(e.value).startswith(f"{one}: source 's' takes none of its 1 records (num_samples=0);"), str(e.value)
+    # two sources, one empty: a note, not an error
+    r = read_records({"sources": [{"name": "e", "records_path": str(p), "sample_rate": 1}, {"name": "s", "records_path": str(one), "sample_rate": 1}]})
+    assert len(r) == 1 and f"{p}: no records in source 'e'" in r.notes
+
+
+def test_role_missing_from_mapping_names_role_mapping_count_and_first_line(tmp_path):
+    from alignlab.data import read_records
+    recs = [{"id": i, "messages": [{"role": "user", "content": f"q{i}"}, {"role": "bot", "content": "a"}]} for i in range(5)]
+    p = write(tmp_path, *recs)
+    d = {"sources": [{"name": "s", "records_path": str(p), "sample_rate": 1}],
+         "prompt_template": {"role_tag_mapping": {"user": "user", "system": "system"}}}
+    for inference in (False, True):  # no tokenizer needed: the check runs before any model loads
+        with pytest.raises(DataError) as e: read_records(d, inference=inference, name="train")
+        msg = str(e.value)
+        assert "\n" not in msg and msg == (f'{p}:1: messages[1].role: \'bot\' is not in prompt_template.role_tag_mapping '
+                                           '{"user": "user", "system": "system"}; 5 of the 5 records of dataset \'train\' need it, '
+                                           "so all would be dropped; expected role_tag_mapping to map 'bot' to its tag"), msg
+    prompts = write(tmp_path, *[{"id": i, "messages": [{"role": "user", "content": "q"}]} for i in range(3)], name="prompts.jsonl")
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: role 'bot' \(the bot turn every prompt ends with\) is not in prompt_template.role_tag_mapping"):
+        read_records({**d, "sources": [{"name": "p", "records_path": str(prompts), "sample_rate": 1}]}, inference=True)
+
+
+def test_partial_drops_are_counted_with_the_first_line(tmp_path, tok):
+    sys_msg = {"role": "system", "content": "be brief"}
+    recs = [{"id": i, "messages": ([sys_msg] if i in (1, 3) else []) + GOOD["messages"]} for i in range(5)]
+    p = write(tmp_path, *recs)
+    ds = build_dataset({"sources": [{"name": "s", "records_path": str(p), "sample_rate": 1}],
+                        "prompt_template": {"role_tag_mapping": {"user": "user", "bot": "assistant"}}}, tok)
+    reason = "role 'system' is not in role_tag_mapping (has ['bot', 'user'])"
+    assert len(ds) == 3 and dict(ds.report.dropped) == {reason: 2} and ds.report.first_at == {reason: f"{p}:2"}
+    assert f"2 of 5 records dropped: {reason} (first at {p}:2)" in ds.report.warnings
+    assert f"dropped 2: {reason} (first at {p}:2)" in repr(ds.report)
+
+
+def test_classification_label_is_optional_for_inference_only(tmp_path):
+    from alignlab.data import read_records
+    recs = [{"id": 1, "messages": [{"role": "user", "content": "a cat"}], "label": 1}, {"id": 2, "messages": [{"role": "user", "content": "a cup"}]}]
+    d = {"sources": [{"name": "c", "records_path": str(write(tmp_path, *recs)), "sample_rate": 1}], "dataset_type": "classification"}
+    with pytest.raises(DataError, match=r"d.jsonl:2: label: missing field"): read_records(d)
+    assert [r.get("label") for r in read_records(d, inference=True)] == [1, None]

@@ -54,6 +54,8 @@ def test_fluent_chain_and_json_are_one_experiment(tmp_path):
     assert sa.model_copy(update={"log_path": "x"}) == sb.model_copy(update={"log_path": "x"})
     ra, rb = a.fit(progress=False), b.fit(progress=False)
     assert ra["final_loss"] == rb["final_loss"] and ra["steps"] == rb["steps"] == 4
+    assert ra["training"] == rb["training"] and ra["training"]["warnings"] == []  # the run summary carries the budget
+    assert (ra["training"]["rows_per_step"], ra["training"]["rows"], ra["epochs"]) == (8, 32, ra["training"]["epochs"])
     wa, wb = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # the run directory keeps the settings it ran; they load back as the same experiment
@@ -94,10 +96,26 @@ def test_plan_shows_model_data_and_schedule_without_training(tmp_path):
     e = fluent(tmp_path / "run")
     p = e.plan()
     assert "trainable of" in p["parameters"] and p["parameters"].startswith("16,384 trainable")  # 4 layers x (q, v) x r=4 x (256 + 256)
-    assert "4 steps" in p["schedule"]
+    assert p["training"] == "4 steps of 8 rows (8 per device × 1 accumulation × 1 process) = 32 rows, 0.67 epochs of 48 records"
+    assert p.warnings == [] and "warning" not in repr(p)  # the chain set its accumulation: nothing to warn about
     h = e._repr_html_()
     assert "Experiment plan" in h and 'class="tok loss"' in h  # the sample with its loss mask
     assert not (tmp_path / "run").exists()  # nothing ran, nothing written
+
+
+def test_plan_names_an_inherited_accumulation():
+    """.trainer(max_steps=400, per_device_train_batch_size=16) inherits turbo's accumulation of 32: the plan says 512 rows a step."""
+    trap = Experiment().model("tiny-llama").chat_dataset("chat", max_tokens_count=256, val_num_samples=8)  # the 2000 training chats
+    p = trap.trainer(max_steps=400, per_device_train_batch_size=16, learning_rate=5e-3).plan()
+    assert p["train"].startswith("2000 samples")
+    assert p["training"] == "400 steps of 512 rows (16 per device × 32 accumulation × 1 process) = 200000 rows, 100 epochs of 2000 records"
+    assert len(p.warnings) == 1
+    w = p.warnings[0]
+    assert w.startswith("trainer_settings.gradient_accumulation_steps: 32 inherited") and "512 rows, not 16" in w
+    assert ".trainer(gradient_accumulation_steps=1)" in w and f"warning: {w}" in repr(p) and "<b>warning</b>" in p._repr_html_()
+    p = trap.trainer(gradient_accumulation_steps=1).plan()  # said explicitly: the run it reads as, no warning
+    assert p["training"] == "400 steps of 16 rows (16 per device × 1 accumulation × 1 process) = 6400 rows, 3.2 epochs of 2000 records"
+    assert p.warnings == [] and "warning" not in repr(p)
 
 
 def _cli(*args, timeout=600):
@@ -179,7 +197,7 @@ def test_packing_through_the_experiment(tmp_path):
          .lora(r=4).packing()
          .trainer(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no", eval_strategy="no"))
     p = e.plan()
-    assert p.notes[0].startswith("packing: 64 chats in ") and "of 4 rows" in p["schedule"]
+    assert p.notes[0].startswith("packing: 64 chats in ") and "of 4 rows" in p["training"]
     assert p["validation"].startswith("8 samples")  # a zoo dataset brings its val split
     s = e.fit(progress=False)
     assert s["steps"] == 2 and any("PackedDataset: 64 samples" in n for n in s["notes"])

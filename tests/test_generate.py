@@ -13,6 +13,8 @@ from alignlab.collate import answer_logprobs
 from alignlab.settings import SettingsError, load_settings
 from alignlab.data import chat_settings
 
+GREEDY = {"do_sample": False}  # turbo's default samples; these checks compare greedy (or plain beam) answers
+
 
 @pytest.fixture(scope="module")
 def model(tiny_llama):
@@ -34,7 +36,7 @@ def prompts(tok):
 
 
 def test_greedy_same_for_batch_sizes(model, tok, prompts):
-    ts = {"max_new_tokens": 16}
+    ts = {**GREEDY, "max_new_tokens": 16}
     runs = {b: generate(model, tok, prompts, ts, {"batch": b}) for b in (1, 4, 16)}
     ids = {b: [a[0]["answer_token_ids"] for a in r] for b, r in runs.items()}
     assert ids[1] == ids[4] == ids[16]
@@ -49,8 +51,8 @@ def test_generate_is_deterministic(model, tok, prompts):
     """Greedy ids and text are the same whatever the batch; the scores agree to float32 summation error.
     A batch of another shape pads differently, so the matmuls reduce in another order: on an AVX-512 Xeon batch 5 vs 2 gave
     -20.234236 vs -20.234245 (5e-7 relative). rel 1e-5 leaves 20x room and still catches a wrong token (a log-prob >= 1e-3)."""
-    a = generate(model, tok, prompts[:5], {"max_new_tokens": 8}, {"batch": 5})
-    b = generate(model, tok, prompts[:5], {"max_new_tokens": 8}, {"batch": 2})
+    a = generate(model, tok, prompts[:5], {**GREEDY, "max_new_tokens": 8}, {"batch": 5})
+    b = generate(model, tok, prompts[:5], {**GREEDY, "max_new_tokens": 8}, {"batch": 2})
     strip = lambda out: [[{k: v for k, v in x.items() if k != "sequence_score"} for x in r] for r in out]
     assert strip(a) == strip(b)
     for ra, rb in zip(a, b):
@@ -71,20 +73,20 @@ def test_prompt_parity_with_training(tok):
 
 
 def test_stop_strings_one_and_several(model, tok, prompts):
-    base = generate(model, tok, prompts[:4], {"max_new_tokens": 16}, {"batch": 4})
+    base = generate(model, tok, prompts[:4], {**GREEDY, "max_new_tokens": 16}, {"batch": 4})
     text = base[0][0]["content"]
     words = text.split()
     assert len(words) >= 3
-    one = generate(model, tok, prompts[:1], {"max_new_tokens": 16, "stop_strings": words[1]})[0][0]
+    one = generate(model, tok, prompts[:1], {**GREEDY, "max_new_tokens": 16, "stop_strings": words[1]})[0][0]
     assert one["content"] == text[:text.index(words[1])]
     assert tok.decode(one["answer_token_ids"]).find(words[1]) >= 0  # the completing token is kept in the ids
-    several = generate(model, tok, prompts[:1], {"max_new_tokens": 16, "stop_strings": [words[2], words[1]]})[0][0]
+    several = generate(model, tok, prompts[:1], {**GREEDY, "max_new_tokens": 16, "stop_strings": [words[2], words[1]]})[0][0]
     assert several["content"] == one["content"]  # the first one in the text wins, whatever its place in the list
     assert len(several["answer_token_ids"]) < len(base[0][0]["answer_token_ids"])
 
 
 def test_special_token_stop_and_skip_special_tokens(model, tok, prompts):
-    shown = generate(model, tok, prompts[:2], {"max_new_tokens": 16, "stop_strings": ["<|eot_id|>", "<|end_of_text|>"]},
+    shown = generate(model, tok, prompts[:2], {**GREEDY, "max_new_tokens": 16, "stop_strings": ["<|eot_id|>", "<|end_of_text|>"]},
                      {"skip_special_tokens": False, "remove_prompt": False})
     for a in shown:
         c = a[0]["content"]
@@ -93,21 +95,21 @@ def test_special_token_stop_and_skip_special_tokens(model, tok, prompts):
 
 def test_num_return_sequences_and_ids(model, tok, prompts):
     torch.manual_seed(1)
-    out = generate(model, tok, prompts[:3], {"max_new_tokens": 8, "do_sample": True, "num_return_sequences": 3, "temperature": 1.5},
+    out = generate(model, tok, prompts[:3], {**GREEDY, "max_new_tokens": 8, "do_sample": True, "num_return_sequences": 3, "temperature": 1.5},
                    {"batch": 2}, ids=["x", "y", "z"])
     assert [[a["id"] for a in r] for r in out] == [[f"{i}-{k}" for k in range(3)] for i in "xyz"]
     assert all(isinstance(a["sequence_score"], float) and a["sequence_score"] < 0 for r in out for a in r)
 
 
 def test_beams_batched_match_single(model, tok, prompts):
-    ts = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2}
+    ts = {**GREEDY, "max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2}
     b = generate(model, tok, prompts[:4], ts, {"batch": 4})
     s = [generate(model, tok, [p], ts, {"batch": 1})[0] for p in prompts[:4]]
     assert [[a["answer_token_ids"] for a in r] for r in b] == [[a["answer_token_ids"] for a in r] for r in s]
 
 
 def test_sequence_score_matches_forward(model, tok, prompts):
-    a = generate(model, tok, prompts[:1], {"max_new_tokens": 10})[0][0]
+    a = generate(model, tok, prompts[:1], {**GREEDY, "max_new_tokens": 10})[0][0]
     full = torch.tensor([prompts[0] + a["answer_token_ids"]])
     with torch.no_grad(): lp = torch.log_softmax(model(full).logits[0, :-1], -1)
     n = len(prompts[0])
@@ -138,7 +140,7 @@ def test_generate_records_reports_a_failing_record(model, tok, tmp_path):
     st = {**_ds_settings(), "sources": [{"name": "inline", "records_data": recs, "sample_rate": 1}]}
     ds = build_dataset(st, t2, inference=True)
     errors, seen = [], []
-    out = generate_records(model, t2, ds, {"transformers_settings": {"max_new_tokens": 4}, "custom_settings": {"batch": 8}},
+    out = generate_records(model, t2, ds, {"transformers_settings": {**GREEDY, "max_new_tokens": 4}, "custom_settings": {"batch": 8}},
                            errors=errors, on_batch=seen.extend)
     assert [r["id"] for r in out] == ["r0", "r1", "r3", "r4"]
     assert len(errors) == 1 and errors[0]["id"] == "r2" and "outside the model's vocabulary" in errors[0]["error"]
@@ -149,7 +151,7 @@ def test_records_load_as_sampling(model, tok, tmp_path):
     st = _ds_settings(6)
     ds = build_dataset(st, tok, inference=True)
     torch.manual_seed(0)
-    out = generate_records(model, tok, ds, {"transformers_settings": {"max_new_tokens": 6, "do_sample": True, "num_return_sequences": 2}})
+    out = generate_records(model, tok, ds, {"transformers_settings": {**GREEDY, "max_new_tokens": 6, "do_sample": True, "num_return_sequences": 2}})
     f = tmp_path / "o.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in out))
     samp = build_dataset({**st, "dataset_type": "sampling", "sources": [{"name": "o", "records_path": str(f), "sample_rate": 1}]}, tok)
@@ -176,7 +178,7 @@ def test_generation_error_isolated_to_its_record(model, tok):
     bad = ds.records[int(ds.rows[5])]["id"]
     def gen(ps, ids):  # the real generator, failing on one record as a broken input would
         if bad in ids: raise RuntimeError(f"cannot generate {bad}\nsecond line")
-        return generate(model, tok, ps, {"max_new_tokens": 4}, ids=ids)
+        return generate(model, tok, ps, {**GREEDY, "max_new_tokens": 4}, ids=ids)
     errors = []
     out = generate_records(model, tok, ds, {"custom_settings": {"batch": 4}}, errors=errors, generator=gen)
     assert len(out) == 7 and bad not in [r["id"] for r in out]
@@ -185,8 +187,8 @@ def test_generation_error_isolated_to_its_record(model, tok):
 
 def test_special_stop_with_skip_special_tokens(model, tok, prompts):
     """A special-token stop string with skip_special_tokens (the default) gives the same content as stopping at EOS."""
-    plain = generate(model, tok, prompts[:6], {"max_new_tokens": 16}, {"batch": 6})
-    stop = generate(model, tok, prompts[:6], {"max_new_tokens": 16, "stop_strings": "<|eot_id|>"}, {"batch": 6})
+    plain = generate(model, tok, prompts[:6], {**GREEDY, "max_new_tokens": 16}, {"batch": 6})
+    stop = generate(model, tok, prompts[:6], {**GREEDY, "max_new_tokens": 16, "stop_strings": "<|eot_id|>"}, {"batch": 6})
     for a, b in zip(plain, stop):
         assert a[0]["content"] == b[0]["content"] and "<|" not in b[0]["content"]
         assert a[0]["answer_token_ids"] == b[0]["answer_token_ids"]
@@ -204,8 +206,8 @@ def test_finish_answer_drops_padding(tok):
 def test_min_p_reaches_generate(model, tok, prompts):
     """Any GenerationConfig field reaches generate. min_p=1 keeps only the tokens as likely as the most likely one, so even hot
     sampling gives the greedy answer; the same hot sampling without min_p does not (the negative control)."""
-    greedy = generate(model, tok, prompts[:8], {"max_new_tokens": 8}, {"batch": 8})
-    hot = {"max_new_tokens": 8, "do_sample": True, "temperature": 3.0, "top_k": 0}
+    greedy = generate(model, tok, prompts[:8], {**GREEDY, "max_new_tokens": 8}, {"batch": 8})
+    hot = {**GREEDY, "max_new_tokens": 8, "do_sample": True, "temperature": 3.0, "top_k": 0}
     torch.manual_seed(0)
     pinned = generate(model, tok, prompts[:8], {**hot, "min_p": 1.0}, {"batch": 8})
     torch.manual_seed(0)
@@ -213,3 +215,22 @@ def test_min_p_reaches_generate(model, tok, prompts):
     ids = lambda out: [a[0]["answer_token_ids"] for a in out]
     assert ids(pinned) == ids(greedy)
     assert ids(free) != ids(greedy)
+
+
+def test_turbo_generation_defaults(model, tok, prompts):
+    """turbo's defaults: do_sample true (so num_return_sequences 2 needs no more keys) and stop_strings '</s>'; a tokenizer that
+    cannot express the default stop string generates without it, while an explicit one it cannot express is an error."""
+    from alignlab.generate import TransformersGenerationSettings, usable_stops
+    ts = load_settings(TransformersGenerationSettings, {"num_return_sequences": 2})
+    assert ts.do_sample and ts.stops == ["</s>"] and ts.default_stops
+    torch.manual_seed(0)
+    a = generate(model, tok, prompts[:4], {"max_new_tokens": 8, "num_return_sequences": 2})
+    assert all(len(r) == 2 for r in a)
+    greedy = generate(model, tok, prompts[:4], {**GREEDY, "max_new_tokens": 8})
+    assert [r[0]["answer_token_ids"] for r in a] != [r[0]["answer_token_ids"] for r in greedy]  # sampled, not greedy
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")); t.pre_tokenizer = pre_tokenizers.Whitespace()
+    wl = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    assert usable_stops(wl, TransformersGenerationSettings()) == []
+    with pytest.raises(SettingsError, match="cannot be expressed"): usable_stops(wl, TransformersGenerationSettings(stop_strings="</s>"))

@@ -19,7 +19,8 @@ def _chat(n=6):
     return st
 
 
-GREEDY = {"transformers_settings": {"max_new_tokens": 8}}
+F32 = {"transformers_settings": {"torch_dtype": "float32"}}  # scores are compared to float32 forward passes (the default is turbo's bfloat16)
+GREEDY = {"transformers_settings": {"max_new_tokens": 8, "do_sample": False}}  # turbo's default samples
 SAMPLED = {"transformers_settings": {"max_new_tokens": 8, "do_sample": True, "num_return_sequences": 2}, "custom_settings": {"batch": 3}}
 
 
@@ -40,8 +41,8 @@ def adapter(tmp_path_factory, tiny_llama):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, adapter):
     save = tmp_path_factory.mktemp("chat")
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama"}, "generation_settings": [GREEDY, SAMPLED]},
-                                  {"model_settings": {"model_path": "tiny-llama", "adapter_path": str(adapter)},
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama"}, "generation_settings": [GREEDY, SAMPLED]},
+                                  {"model_settings": {**F32, "model_path": "tiny-llama", "adapter_path": str(adapter)},
                                    "generation_settings": [GREEDY]}],
            "dataset_settings": _chat(6), "save_path": str(save), "seed": 3}
     (save.parent / "cfg.json").write_text(json.dumps(cfg))
@@ -87,7 +88,7 @@ def test_output_loads_as_sampling_and_feeds_rm(chat_run, tok, tmp_path, tiny_lla
         torch.manual_seed(seed)
         m = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
         d = tmp_path / f"rm{seed}"; m.save_pretrained(d); tok.save_pretrained(d); paths.append(d)
-    rm_cfg = {"inference_settings": [{"model_settings": {"model_path": str(p), "model_type": "seq_cls", "num_labels": 1}, "batch": b}
+    rm_cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": str(p), "model_type": "seq_cls", "num_labels": 1}, "batch": b}
                                      for p, b in zip(paths, (1, 16))],
               "dataset_settings": {**cfg["dataset_settings"], "dataset_type": "sampling", "sources": [src]}, "save_path": str(tmp_path / "rm")}
     res = run_inference(rm_cfg, "rm")
@@ -109,7 +110,7 @@ def test_output_loads_as_sampling_and_feeds_rm(chat_run, tok, tmp_path, tiny_lla
 def test_classification_inference(tmp_path):
     ds = {"sources": [{"name": "val", "records_path": str(zoo.get("classification") / "val.jsonl"), "num_samples": 24}],
           "dataset_type": "classification", "max_tokens_count": 64}
-    ms = {"model_path": "tiny-llama-cls", "model_type": "seq_cls", "model_kwargs": {"num_labels": 2, "problem_type": "single_label_classification"}}
+    ms = {**F32, "model_path": "tiny-llama-cls", "model_type": "seq_cls", "model_kwargs": {"num_labels": 2, "problem_type": "single_label_classification"}}
     cfg = {"inference_settings": [{"model_settings": ms, "batch": 1}, {"model_settings": ms, "batch": 8}], "dataset_settings": ds,
            "save_path": str(tmp_path)}
     out = run_inference(cfg, "classification")
@@ -126,7 +127,7 @@ def test_failing_record_is_reported_and_the_rest_written(tmp_path):
     """A record that cannot be prompted (longer than max_tokens_count) is reported by id; the others are generated."""
     recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Name the category of the white cup {i}."}]} for i in range(5)]
     recs[3]["messages"][0]["content"] += " and the red box" * 20
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama"}, "generation_settings": [GREEDY, SAMPLED]}],
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama"}, "generation_settings": [GREEDY, SAMPLED]}],
            "dataset_settings": {**_chat(), "max_tokens_count": 40, "sources": [{"name": "inline", "records_data": recs, "sample_rate": 1}]},
            "save_path": str(tmp_path / "out")}
     out = run_inference(cfg, "chat")
@@ -155,7 +156,7 @@ def test_adapter_for_another_base_is_one_line(tmp_path, tiny_llama):
     other = LlamaForCausalLM(LlamaConfig(vocab_size=2854, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2))
     get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama", "adapter_path": str(tmp_path / "other")}}],
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama", "adapter_path": str(tmp_path / "other")}}],
            "dataset_settings": _chat(2), "save_path": str(tmp_path / "out")}
     with pytest.raises(SettingsError, match=r"inference_settings\[0\]\.model_settings\.adapter_path: .*trained on this base") as e:
         run_inference(cfg, "chat")
@@ -171,16 +172,18 @@ def test_adapter_for_another_base_is_one_line(tmp_path, tiny_llama):
     ({"generation_settings": [{"transformers_settings": {"stop_strings": ["ok", ""]}}]}, "stop_strings"),
     ({"generation_settings": [{"transformers_settings": {"num_beam": 2}}]}, "did you mean 'num_beams'"),
     ({"use_vlm": True}, "did you mean 'use_vllm'"),
+    ({"use_vllm": True, "generation_settings": [{"vllm_settings": {"use_beam_search": True}}]}, "use_beam_search: true is not supported"),
+    ({"use_vllm": True, "generation_settings": [{"vllm_settings": {"temperature": 3}}]}, "temperature: Input should be less than or equal to 2"),
 ])
 def test_bad_settings_are_one_line(tmp_path, patch, match):
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama"}, **patch}], "dataset_settings": _chat(2),
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama"}, **patch}], "dataset_settings": _chat(2),
            "save_path": str(tmp_path)}
     with pytest.raises(SettingsError, match=match) as e: run_inference(cfg, "chat")
     assert "\n" not in str(e.value)
 
 
 def test_kind_must_match_dataset_type(tmp_path):
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama"}}], "dataset_settings": _chat(2), "save_path": str(tmp_path)}
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama"}}], "dataset_settings": _chat(2), "save_path": str(tmp_path)}
     with pytest.raises(SettingsError, match="inference_rm expects 'sampling'"): run_inference(cfg, "rm")
 
 
@@ -189,14 +192,14 @@ def test_vllm_missing_is_a_clear_error(tmp_path):
         import vllm  # noqa
         pytest.skip("vllm is installed here")
     except ImportError: pass
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama"}, "use_vllm": True}], "dataset_settings": _chat(2),
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama"}, "use_vllm": True}], "dataset_settings": _chat(2),
            "save_path": str(tmp_path)}
-    with pytest.raises(ImportError, match="vLLM is not installed.*alignlab\\[vllm\\]"): run_inference(cfg, "chat")
+    with pytest.raises(ImportError, match=r'vLLM is not installed.*pip install -e "\.\[vllm\]"'): run_inference(cfg, "chat")
 
 
 def test_output_with_label_and_meta_loads_as_sampling(tmp_path, tok):
     recs = [{"id": "a", "messages": [{"role": "user", "content": "Name the category of the white cup."}], "label": "thing", "meta": {"k": 1}}]
-    cfg = {"inference_settings": [{"model_settings": {"model_path": "tiny-llama"}, "generation_settings": [GREEDY]}],
+    cfg = {"inference_settings": [{"model_settings": {**F32, "model_path": "tiny-llama"}, "generation_settings": [GREEDY]}],
            "dataset_settings": {**_chat(), "sources": [{"name": "inline", "records_data": recs, "sample_rate": 1}]}, "save_path": str(tmp_path)}
     out = run_inference(cfg, "chat")
     r = _rows(out / "chat_m0_g0.jsonl")[0]
@@ -204,3 +207,25 @@ def test_output_with_label_and_meta_loads_as_sampling(tmp_path, tok):
     samp = build_dataset({**_chat(), "dataset_type": "sampling",
                           "sources": [{"name": "o", "records_path": str(out / "chat_m0_g0.jsonl"), "sample_rate": 1}]}, tok)
     assert len(samp) == 1 and samp.records[0]["label"] == "thing" and samp.records[0]["answers"][0]["sequence_score"] < 0
+
+
+def test_turbo_inference_keys(tmp_path):
+    """turbo's micro_batch is the forward batch of classification inference (speed only: the same probabilities); with use_vllm,
+    vllm_settings that give turbo's keys are the sampling, so transformers_settings vLLM could not serve are not checked."""
+    from alignlab.inference import ModelInferenceSettings
+    from alignlab.settings import load_settings
+    ds = {"sources": [{"name": "val", "records_path": str(zoo.get("classification") / "val.jsonl"), "num_samples": 12}],
+          "dataset_type": "classification", "chat_settings": {"max_tokens_count": 64}}
+    ms = {**F32, "model_path": "tiny-llama-cls", "model_type": "seq_cls", "num_labels": 2}
+    cfg = {"inference_settings": [{"model_settings": ms, "batch": 12, "micro_batch": 1}, {"model_settings": ms, "batch": 12}],
+           "dataset_settings": ds, "save_path": str(tmp_path)}
+    st = load_settings(ModelInferenceSettings, cfg["inference_settings"][0])
+    assert (st.forward_batch, load_settings(ModelInferenceSettings, cfg["inference_settings"][1]).forward_batch) == (1, 12)
+    out = run_inference(cfg, "classification")
+    a, b = _rows(out / "classification_m0.jsonl"), _rows(out / "classification_m1.jsonl")
+    assert len(a) == len(b) == 12
+    assert all(x["predicted_label"] == y["predicted_label"] and max(abs(p - q) for p, q in zip(x["probabilities"], y["probabilities"])) < 1e-4
+               for x, y in zip(a, b))
+    g = {"transformers_settings": {"num_beams": 3}, "vllm_settings": {"n": 2, "max_tokens": 8, "best_of": 2}}
+    ok = load_settings(ModelInferenceSettings, {"model_settings": {"model_path": "tiny-llama"}, "use_vllm": True, "generation_settings": [g]})
+    assert ok.generation_settings[0].vllm_settings.turbo and not ok.generation_settings[0].vllm_settings.model_extra

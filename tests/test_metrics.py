@@ -158,7 +158,7 @@ def test_kl_estimate_against_a_changed_model(lm, tok, tiny_llama):
 @pytest.fixture(scope="module")
 def rm():
     from alignlab.models import load_model
-    m, t = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "model_kwargs": {"num_labels": 1}})
+    m, t = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "model_kwargs": {"num_labels": 1}, "transformers_settings": {"torch_dtype": "float32"}})
     return m.eval(), t
 
 

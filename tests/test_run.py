@@ -63,3 +63,77 @@ def test_fit_reuses_the_planned_datasets_and_trains_the_same(tmp_path, monkeypat
     experiment(tmp_path / "b", steps=4).fit(progress=False)
     assert builds[:1] == ["train"]
     assert _same(_adapter(tmp_path / "a"), _adapter(tmp_path / "b"))
+
+
+def _sft_cfg(run_dir, trainer_settings, num_samples=48):
+    from alignlab import zoo
+    tpl = {"role_tag_mapping": {"bot": "assistant", "user": "user", "system": "system"},
+           "prefix_template": "<|start_header_id|>{role}<|end_header_id|>\n\n", "suffix_template": "<|eot_id|>"}
+    return {"log_path": str(run_dir), "seed": 3,
+            "model_settings": {"model_path": "tiny-llama", "model_type": "causal",
+                               "peft_settings": {"name": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str(zoo.get("chat") / "train.jsonl"), "num_samples": num_samples}],
+                                       "prompt_template": tpl, "dataset_type": "chat", "max_tokens_count": 64, "only_answer_loss": True},
+            "trainer_settings": {"save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-3, **trainer_settings}}
+
+
+def test_training_budget_counts_as_the_trainer_does():
+    """Rows per step = batch x accumulation x processes; an epoch is ceil(batches / accumulation) steps, its last one partial."""
+    from alignlab.run import training_budget
+    from alignlab.settings import load_settings
+    from alignlab.train import TrainerSettings
+    ts = lambda **kw: load_settings(TrainerSettings, kw)
+    b = training_budget(ts(max_steps=400, per_device_train_batch_size=16, gradient_accumulation_steps=1), 2000)
+    assert b["line"] == "training: 400 steps of 16 rows (16 per device × 1 accumulation × 1 process) = 6400 rows, 3.2 epochs of 2000 records"
+    assert (b["rows_per_step"], b["steps"], b["rows"], b["epochs"], b["warnings"]) == (16, 400, 6400, 3.2, [])
+    # the trap: accumulation inherited (32) under a batch and max_steps that were set
+    b = training_budget(ts(max_steps=400, per_device_train_batch_size=16, learning_rate=5e-3), 2000)
+    assert (b["rows_per_step"], b["rows"], b["epochs"]) == (512, 200_000, 100)
+    assert len(b["warnings"]) == 1 and b["warnings"][0].startswith("trainer_settings.gradient_accumulation_steps: 32 inherited")
+    assert "16 × 32 × 1 = 512 rows, not 16" in b["warnings"][0] and ".trainer(gradient_accumulation_steps=1)" in b["warnings"][0]
+    # the same 32, set: no warning; nothing set at all: turbo's whole default run, its accumulation not warned about
+    assert training_budget(ts(max_steps=400, per_device_train_batch_size=16, gradient_accumulation_steps=32), 2000)["warnings"] == []
+    b = training_budget(ts(), 2000)
+    assert (b["rows_per_step"], b["steps"], b["epochs"]) == (128, 48, 3)  # 16 steps an epoch (the last of 80 rows)
+    assert not any("gradient_accumulation_steps" in w for w in b["warnings"])
+    # epoch-based: 3 inherited epochs on a large set
+    b = training_budget(ts(per_device_train_batch_size=8, gradient_accumulation_steps=1), 50_000)
+    assert b["steps"] == 18_750 and b["warnings"][0].startswith("trainer_settings.num_train_epochs: 3 inherited")
+    assert training_budget(ts(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_train_epochs=3), 50_000)["warnings"] == []
+    # processes multiply; a partial last step: 100 rows, 13 batches of 8 a process-pair, 7 steps an epoch
+    b = training_budget(ts(max_steps=20, gradient_accumulation_steps=2, eval_steps=5, save_steps=5), 100, world_size=2)
+    assert "(4 per device × 2 accumulation × 2 processes)" in b["line"]
+    assert (b["rows_per_step"], b["rows"], b["epochs"], b["warnings"]) == (16, 296, round(2 + 12 / 13, 4), [])
+    # a short run that inherits evaluation and checkpoints every 150 steps
+    b = training_budget(ts(max_steps=20, gradient_accumulation_steps=1), 100)
+    assert b["warnings"] == ["trainer_settings.eval_steps 150 and save_steps 150: inherited (turbo-alignment's defaults; not set), more "
+                             "than the run's 20 steps: no evaluation and no checkpoint before the end. Set them: .trainer(eval_steps=10, save_steps=10)"]
+    assert training_budget(ts(max_steps=20, gradient_accumulation_steps=1, save_strategy="no"), 100, evaluates=False)["warnings"] == []
+
+
+def test_train_says_its_budget_once_and_keeps_it_in_the_summary(tmp_path, capsys, caplog):
+    """The start of a run prints rows per step, steps and epochs once; the summary carries them, and they are the Trainer's."""
+    import logging, torch
+    torch.set_num_threads(1)
+    from alignlab.run import train
+    # the trap: a batch and max_steps set, the accumulation inherited (32): 12 batches of 4 cover the 48 chats, one epoch a step
+    with caplog.at_level(logging.WARNING, logger="alignlab.run"):
+        s = train(_sft_cfg(tmp_path / "trap", {"max_steps": 2, "per_device_train_batch_size": 4}), progress=False)
+    err = capsys.readouterr().err
+    line = ("training: 2 steps of 128 rows (4 per device × 32 accumulation × 1 process; more than the 48 records, so a step reads "
+            "at most one epoch) = 96 rows, 2 epochs of 48 records")
+    assert err.count("training: ") == 1 and line in err, err[-2000:]
+    warned = [r.getMessage() for r in caplog.records if "gradient_accumulation_steps" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("trainer_settings.gradient_accumulation_steps: 32 inherited")
+    t = s["training"]
+    assert (t["rows_per_step"], t["steps"], t["rows"], t["epochs"], t["train_rows"], t["line"]) == (128, 2, 96, 2, 48, line)
+    assert (s["steps"], s["epochs"]) == (2, 2.0) and warned[0] in s["notes"]
+    assert json.loads((tmp_path / "trap" / "summary.json").read_text())["training"] == t
+    # said explicitly: no warning; 12 batches, 3 steps an epoch (5, 5, 2): 4 steps are 1 + 5/12 epochs, as the Trainer counts
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignlab.run"):
+        s = train(_sft_cfg(tmp_path / "said", {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 5}), progress=False)
+    err = capsys.readouterr().err
+    assert "training: 4 steps of 20 rows (4 per device × 5 accumulation × 1 process) = 68 rows, 1.42 epochs of 48 records" in err
+    assert not [r for r in caplog.records if r.getMessage().startswith("trainer_settings.")]
+    assert s["training"]["warnings"] == [] and (s["steps"], s["epochs"]) == (4, s["training"]["epochs"]) == (4, round(1 + 5 / 12, 4))

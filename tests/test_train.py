@@ -14,7 +14,9 @@ from alignlab.run import make_trainer
 
 torch.set_num_threads(1)
 QUICK = dict(per_device_train_batch_size=8, per_device_eval_batch_size=32, gradient_accumulation_steps=1, eval_steps=20,
-             save_steps=20, logging_steps=10, lr_scheduler_type="constant", disable_tqdm=True)
+             save_steps=20, logging_steps=10, lr_scheduler_type="constant", disable_tqdm=True,
+             load_best_model_at_end=False)  # these runs check the last step's model; turbo's default (true) is tested below
+F32 = {"transformers_settings": {"torch_dtype": "float32"}}  # float32 training, as the thresholds were measured (the default is turbo's bfloat16)
 LORA = {"name": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -55,7 +57,7 @@ def test_unknown_keys_renames_and_types():
         load_settings(TrainerSettings, {"max_steps": "many"})
     with pytest.raises(SettingsError, match="include_tokens_per_second: removed in transformers 5"):
         load_settings(TrainerSettings, {"include_tokens_per_second": True})
-    with pytest.raises(SettingsError, match="optim: adamw_nonexistent is not a valid OptimizerNames"):  # TrainingArguments' own check runs when the settings are set
+    with pytest.raises(SettingsError, match="optim: 'adamw_nonexistent' is not one of 'adamw_torch', "):  # TrainingArguments' own check runs when the settings are set
         load_settings(TrainerSettings, {"optim": "adamw_nonexistent"})
     with pytest.raises(SettingsError, match="not a TrainingArguments field"):
         TrainerSettings().to_training_arguments("/tmp/x", learning_rat=1)
@@ -69,7 +71,9 @@ def test_defaults_and_deepspeed_passthrough(tmp_path):
     # turbo-alignment's defaults, except where they break or hide something (see the notebook's table)
     assert (args.eval_strategy, args.save_strategy, args.eval_steps, args.save_steps, args.logging_steps) == ("steps", "steps", 150, 150, 5)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate, args.lr_scheduler_type) == (4, 32, 3e-4, "cosine")
-    assert (args.fp16, args.report_to, args.load_best_model_at_end, args.remove_unused_columns, args.save_total_limit) == (False, [], False, False, 1)
+    # fp16 and load_best_model_at_end: turbo's defaults (fp16 turned off where there is no CUDA GPU)
+    assert (args.fp16, args.report_to, args.load_best_model_at_end, args.remove_unused_columns, args.save_total_limit) == \
+        (torch.cuda.is_available(), [], True, False, 1)
     ds = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
     assert TrainerSettings(deepspeed=ds).hf_kwargs()["deepspeed"] == ds
     p = tmp_path/"ds.json"; p.write_text(json.dumps(ds))
@@ -79,8 +83,8 @@ def test_defaults_and_deepspeed_passthrough(tmp_path):
         with pytest.raises(SettingsError, match="trainer_settings.deepspeed: set, but DeepSpeed cannot start here"):
             TrainerSettings(deepspeed=ds).to_training_arguments(tmp_path)
     if not torch.cuda.is_available():
-        with pytest.raises(SettingsError, match="fp16: true, but this machine has no CUDA GPU"):
-            TrainerSettings(fp16=True).to_training_arguments(tmp_path)
+        with pytest.warns(UserWarning, match=r"^trainer_settings.fp16: true, but fp16 mixed precision needs a CUDA GPU"):
+            assert TrainerSettings(fp16=True).to_training_arguments(tmp_path).fp16 is False
 
 
 def test_classification_loss_settings():
@@ -148,7 +152,7 @@ def test_check_run_dir(tmp_path):
 
 def test_make_trainer_fails_before_training(tmp_path, tok):
     from alignlab.models import load_model
-    model, tok = load_model({"model_path": "tiny-llama", "peft_settings": LORA})
+    model, tok = load_model({**F32, "model_path": "tiny-llama", "peft_settings": LORA})
     ds = _ds("chat", "val", "chat", tok, 8)
     (tmp_path/"f").write_text("")
     with pytest.raises(RunDirError, match="not writable"):
@@ -174,7 +178,7 @@ def test_sft_eval_loss_drops(tmp_path):
     from alignlab.models import load_model
     from transformers import TrainerCallback
     torch.manual_seed(0)
-    model, tok = load_model({"model_path": "tiny-llama", "peft_settings": LORA})
+    model, tok = load_model({**F32, "model_path": "tiny-llama", "peft_settings": LORA})
     tr, va = _ds("chat", "train", "chat", tok, 320), _ds("chat", "val", "chat", tok, 32)
     class CB(TrainerCallback, Attach): pass
     cb = CB()
@@ -194,7 +198,7 @@ def test_sft_packing_trains(tmp_path):
     pytest.importorskip("alignlab.collate")
     from alignlab.models import load_model
     torch.manual_seed(0)
-    model, tok = load_model({"model_path": "tiny-llama", "peft_settings": LORA})
+    model, tok = load_model({**F32, "model_path": "tiny-llama", "peft_settings": LORA})
     tr, va = _ds("chat", "train", "chat", tok, 320), _ds("chat", "val", "chat", tok, 32)
     trainer = make_trainer("sft", model, tok, tr, va, {**QUICK, "max_steps": 20, "per_device_train_batch_size": 2, "learning_rate": 3e-3},
                            tmp_path, packing=True)
@@ -209,7 +213,7 @@ def test_sft_packing_trains(tmp_path):
 def test_classification_metrics_rise(tmp_path):
     from alignlab.models import load_model
     torch.manual_seed(0)
-    model, tok = load_model({"model_path": "tiny-llama-cls", "model_type": "seq_cls", "num_labels": 2, "peft_settings": LORA})
+    model, tok = load_model({**F32, "model_path": "tiny-llama-cls", "model_type": "seq_cls", "num_labels": 2, "peft_settings": LORA})
     tr, va = _ds("classification", "train", "classification", tok), _ds("classification", "val", "classification", tok, 100)
     ts = {**QUICK, "max_steps": 40, "learning_rate": 3e-3, "loss_settings": {"alpha": "auto", "gamma": 1.0}}
     trainer = make_trainer("classification", model, tok, tr, va, ts, tmp_path)
@@ -232,7 +236,7 @@ def test_classification_metrics_rise(tmp_path):
 def test_rm_pair_accuracy_rises(tmp_path):
     from alignlab.models import load_model
     torch.manual_seed(0)
-    model, tok = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1})
+    model, tok = load_model({**F32, "model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1})
     pairs = _ds("preferences", "train", "pair_preferences", tok, 16)
     trainer = make_trainer("rm", model, tok, pairs, pairs, {**QUICK, "max_steps": 60, "learning_rate": 1e-3}, tmp_path)
     before = trainer.evaluate()
@@ -250,7 +254,7 @@ def test_rm_precomputed_margin_enters_the_loss(tmp_path):
     from alignlab.data import build_dataset
     from alignlab.collate import PairCollator
     torch.manual_seed(0)
-    model, tok = load_model({"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1})
+    model, tok = load_model({**F32, "model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1})
     rec = {"id": "a", "context": [{"role": "user", "content": "Hi"}], "answer_w": {"role": "bot", "content": "Hello."},
            "answer_l": {"role": "bot", "content": "No."}}
     ds = lambda m: build_dataset({"sources": [{"name": "x", "records_data": [{**rec, **m}], "sample_rate": 1}], "dataset_type": "pair_preferences"}, tok)
@@ -263,3 +267,44 @@ def test_rm_precomputed_margin_enters_the_loss(tmp_path):
     d = out["logits"][0, 0] - out["logits"][0, 1]
     assert l0.item() == pytest.approx(-torch.nn.functional.logsigmoid(d).item(), abs=1e-6)
     assert l1.item() == pytest.approx(-torch.nn.functional.logsigmoid(d - 2.0).item(), abs=1e-6)
+
+
+# ---- turbo-alignment's trainer defaults ----
+
+def test_turbo_trainer_keys():
+    """turbo's pair warmup_steps / warmup_ratio (steps > 0 win), no_cuda and evaluation_strategy (renamed in transformers 5)."""
+    s = load_settings(TrainerSettings, {"warmup_steps": 0, "warmup_ratio": 0.1, "no_cuda": True, "evaluation_strategy": "epoch",
+                                        "save_strategy": "epoch", "fp16": False})
+    assert (s.warmup_steps, s.use_cpu, s.eval_strategy) == (0.1, True, "epoch")
+    assert load_settings(TrainerSettings, {"warmup_steps": 7, "warmup_ratio": 0.1}).warmup_steps == 7
+    with pytest.raises(SettingsError, match=r"warmup_ratio: expected a number in \[0, 1\), got 2"):
+        load_settings(TrainerSettings, {"warmup_steps": 0, "warmup_ratio": 2})
+    a = s.to_training_arguments("/tmp/alignlab-x")
+    assert a.use_cpu and a.eval_strategy == "epoch" and a.load_best_model_at_end and a.warmup_steps == 0.1
+    # the default load_best_model_at_end where the strategies do not fit: off, said in one line; given explicitly: HF's error
+    assert TrainerSettings(save_strategy="no").to_training_arguments("/tmp/alignlab-x").alignlab_notes == [
+        "load_best_model_at_end: off (eval_strategy 'steps' and save_strategy 'no' differ); the final model is the last step's"]
+    with pytest.raises(SettingsError, match="save and eval strategy to match"):
+        load_settings(TrainerSettings, {"save_strategy": "no", "load_best_model_at_end": True})
+
+
+def test_load_best_model_at_end(tmp_path):
+    """turbo's default load_best_model_at_end: the final model is the best checkpoint (here, by a metric that prefers the
+    first one), the rotation keeps it, the summary's eval is its; without a validation set it is off, said once."""
+    from alignlab.models import load_model
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    model, tok = load_model({**F32, "model_path": "tiny-llama", "peft_settings": LORA})
+    tr, va = _ds("chat", "train", "chat", tok, 160), _ds("chat", "val", "chat", tok, 16)
+    ts = {k: v for k, v in QUICK.items() if k != "load_best_model_at_end"}
+    ts.update(max_steps=20, eval_steps=10, save_steps=10, learning_rate=3e-3, metric_for_best_model="eval_loss", greater_is_better=True)
+    s = fit(make_trainer("sft", model, tok, tr, va, ts, tmp_path))
+    # save_total_limit 1 (turbo's default): at the end Hugging Face keeps the best checkpoint only, as in turbo
+    assert Path(s["best_checkpoint"]).name == "checkpoint-10" and [Path(p).name for p in s["checkpoints"]] == ["checkpoint-10"]
+    first, last = (h for h in s["eval_history"] if h["step"] in (10, 20))
+    assert first["eval_loss"] > last["eval_loss"] and s["eval"]["eval_loss"] == first["eval_loss"]
+    best, final = load_file(str(tmp_path/"trainer"/"checkpoint-10"/"adapter_model.safetensors")), load_file(str(tmp_path/"final"/"adapter_model.safetensors"))
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    t = make_trainer("sft", model, tok, tr, None, {"max_steps": 1}, tmp_path/"b")
+    assert t.args.load_best_model_at_end is False
+    assert "load_best_model_at_end: off (no validation set); the final model is the last step's" in t.alignlab_notes

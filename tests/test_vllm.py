@@ -2,8 +2,9 @@
 
 The reference answers are computed in this (main) venv; one vLLM engine (with LoRA enabled) runs in the vLLM venv through a
 subprocess and serves the base model (no LoRARequest) and the adapter. Checks: greedy parity token for token, with and
-without a LoRA adapter, several stop strings, and sampling
-pinned to greedy by `min_p` (an extra GenerationConfig field reaching both backends).
+without a LoRA adapter, several stop strings, sampling
+pinned to greedy by `min_p` (an extra GenerationConfig field reaching both backends), turbo's `vllm_settings` (with its keys they
+are the vLLM sampling: greedy by temperature 0, `logprobs` in the answers) and `filter_token_ids` (vLLM generates only those ids).
 
 Run as a script (`python tests/test_vllm.py job.json out.json`) it is the child that runs inside the vLLM venv.
 """
@@ -78,21 +79,28 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
     py = vllm_python()
     st = chat_settings(zoo.get("chat") / "test.jsonl")
     st["sources"][0] = {**st["sources"][0], "sample_rate": None, "num_samples": 6}
-    greedy = {"transformers_settings": {"max_new_tokens": 16}}
+    greedy = {"transformers_settings": {"max_new_tokens": 16, "do_sample": False}}  # turbo's default samples
     # several stop strings: a word of the greedy answers (the base answers "The <adjective> <noun> is ..."), a second one, and a
     # special token
-    stops = {"transformers_settings": {"max_new_tokens": 16, "stop_strings": ["are", " is", "<|eot_id|>"]},
+    stops = {"transformers_settings": {"max_new_tokens": 16, "do_sample": False, "stop_strings": ["are", " is", "<|eot_id|>"]},
              "custom_settings": {"skip_special_tokens": False}}
     # hot sampling pinned to the most likely token by min_p=1 (a GenerationConfig field beyond the declared ones, mapped to
     # SamplingParams.min_p): both backends must give the greedy answers
     pinned = {"transformers_settings": {"max_new_tokens": 16, "do_sample": True, "temperature": 2.0, "top_k": 0, "min_p": 1.0}}
-    entry = lambda adapter: {"model_settings": {"model_path": str(tiny_llama), **({"adapter_path": str(lora_adapter)} if adapter else {})},
-                             "generation_settings": [greedy, stops, pinned],
+    # turbo's vllm_settings: with use_vllm they are the sampling (transformers_settings, here greedy for the Hugging Face run, are
+    # not read by vLLM): temperature 0 is greedy, logprobs adds the top log-probs per answer token
+    turbo = {**greedy, "vllm_settings": {"max_tokens": 16, "temperature": 0.0, "stop_strings": None, "logprobs": 1}}
+    # filter_token_ids: vLLM may generate only these ids (no Hugging Face counterpart: checked on the vLLM side only)
+    allowed = sorted(set(tok("The a is are of big small red thing", add_special_tokens=False)["input_ids"]) | {tok.convert_tokens_to_ids("<|eot_id|>")})
+    filtered = {**greedy, "vllm_settings": {"max_tokens": 8, "temperature": 0.0, "stop_strings": None, "filter_token_ids": allowed}}
+    entry = lambda adapter: {"model_settings": {"model_path": str(tiny_llama), "transformers_settings": {"torch_dtype": "float32"},
+                                                **({"adapter_path": str(lora_adapter)} if adapter else {})},
+                             "generation_settings": [greedy, stops, pinned, turbo, filtered],
                              "vllm_engine_settings": {"max_model_len": 256, "max_num_seqs": 8, "enforce_eager": True}}
     cfg = {"inference_settings": [entry(False), entry(True)], "dataset_settings": st, "save_path": str(tmp_path / "hf")}
     hf = run_inference(cfg, "chat")
     rows = lambda d, n: {r["id"]: r for r in map(json.loads, (d / n).read_text().splitlines())}
-    ref = {f"chat_m{m}_g{g}.jsonl": rows(hf, f"chat_m{m}_g{g}.jsonl") for m in (0, 1) for g in (0, 1, 2)}
+    ref = {f"chat_m{m}_g{g}.jsonl": rows(hf, f"chat_m{m}_g{g}.jsonl") for m in (0, 1) for g in (0, 1, 2, 3)}
     first = lambda n: {k: r["answers"][0]["answer_token_ids"] for k, r in ref[n].items()}
     assert first("chat_m0_g2.jsonl") == first("chat_m0_g0.jsonl") and first("chat_m1_g2.jsonl") == first("chat_m1_g0.jsonl")
     assert first("chat_m1_g0.jsonl") != first("chat_m0_g0.jsonl"), "the adapter changes nothing"
@@ -115,3 +123,8 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
             assert v["answer_token_ids"] == h["answer_token_ids"], (n, k)
             assert v["content"] == h["content"], (n, k)
             assert abs(v["sequence_score"] - h["sequence_score"]) < 1e-2, (n, k, h["sequence_score"], v["sequence_score"])
+            if n.endswith("_g3.jsonl"):  # logprobs: one dict per answer token, holding the sampled token's log-prob
+                assert len(v["logprobs"]) == len(v["answer_token_ids"]) and all(str(t) in d for t, d in zip(v["answer_token_ids"], v["logprobs"]))
+    for m in (0, 1):
+        got = rows(tmp_path / "vllm", f"chat_m{m}_g4.jsonl")
+        assert len(got) == 6 and all(set(r["answers"][0]["answer_token_ids"]) <= set(allowed) for r in got.values())

@@ -36,7 +36,7 @@ def chat(split, n):
     return build_dataset({"sources": [src], "dataset_type": "chat", "max_tokens_count": 128}, tok)
 
 torch.manual_seed(0)  # the LoRA init: the same in every run (a resumed run loads the checkpoint's weights anyway)
-model, tok = load_model({"model_path": "tiny-llama", "peft_settings": {"name": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": a.dropout,
+model, tok = load_model({"model_path": "tiny-llama", "transformers_settings": {"torch_dtype": "float32"}, "peft_settings": {"name": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": a.dropout,
                                                                        "target_modules": ["q_proj", "v_proj"]}})
 settings = dict(max_steps=a.steps, per_device_train_batch_size=a.batch, per_device_eval_batch_size=16, gradient_accumulation_steps=1,
                 learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=3, save_steps=a.save_steps, save_total_limit=2,
