@@ -31,7 +31,19 @@ def _generation_error(e:Exception) -> str:
     return first.replace("`", "", 2) if first.startswith("`") else first
 
 # %% ../nbs/06_generate.ipynb #7df7bd8e
-class TransformersGenerationSettings(MirrorSettings):
+class _Stops:
+    "`stop_strings` as both the transformers and the vLLM generation settings read it."
+    @property
+    def stops(self) -> list:
+        "`stop_strings` as a list."
+        return _stop_list(self.stop_strings)
+
+    @property
+    def default_stops(self) -> bool:
+        "Whether `stop_strings` is turbo's default, left out where the tokenizer cannot express it."
+        return "stop_strings" not in self.model_fields_set
+
+class TransformersGenerationSettings(MirrorSettings, _Stops):
     "The guide's `transformers_settings`: any Hugging Face `GenerationConfig` field, turbo-alignment's defaults."
     mirror_of: ClassVar = "transformers.GenerationConfig"
     refused: ClassVar[dict] = _GEN_SET_BY_ALIGNLAB
@@ -66,16 +78,6 @@ class TransformersGenerationSettings(MirrorSettings):
         kw = {k: v for k, v in self.config_kwargs().items() if k != "stop_strings"}
         return kw if self.do_sample else {k: v for k, v in kw.items() if k not in SAMPLING_ONLY}
 
-    @property
-    def stops(self) -> list:
-        "`stop_strings` as a list."
-        return _stop_list(self.stop_strings)
-
-    @property
-    def default_stops(self) -> bool:
-        "Whether `stop_strings` is turbo's default, left out where the tokenizer cannot express it."
-        return "stop_strings" not in self.model_fields_set
-
 def _stop_list(s) -> list: return [] if s is None else [s] if isinstance(s, str) else list(s)
 
 class CustomGenerationSettings(Settings):
@@ -85,7 +87,7 @@ class CustomGenerationSettings(Settings):
     batch: int = Field(16, ge=1)  # turbo: 1; speed only (answers do not depend on it)
 
 # %% ../nbs/06_generate.ipynb #01eaf614
-class VLLMGenerationSettings(Settings):
+class VLLMGenerationSettings(Settings, _Stops):
     "The guide's `vllm_settings`, turbo's `VLLMGeneratorSettings`: with `use_vllm`, the sampling; other keys go to `vllm.SamplingParams`."
     model_config = ConfigDict(extra="allow", validate_assignment=True, populate_by_name=True, protected_namespaces=())
     n: int = Field(1, ge=1)
@@ -116,15 +118,6 @@ class VLLMGenerationSettings(Settings):
         "Whether any of turbo's keys is given: then the sampling comes from these settings alone, as in turbo."
         return bool(self.model_fields_set & set(type(self).model_fields))
 
-    @property
-    def stops(self) -> list:
-        "`stop_strings` as a list."
-        return _stop_list(self.stop_strings)
-
-    @property
-    def default_stops(self) -> bool:
-        "Whether `stop_strings` is turbo's default, left out where the tokenizer cannot express it."
-        return "stop_strings" not in self.model_fields_set
 
 class GenerationSettings(Settings):
     "One item of the guide's `generation_settings`."
