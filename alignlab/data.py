@@ -139,8 +139,7 @@ RECORD_KEYS = {"chat": {"id", "messages", "label", "meta"},
                "sampling": {"id", "dataset_name", "messages", "answers", "rewards", "label", "meta"}}
 _ROLE_NAMES = {"system": "system", "user": "user", "bot": "bot", "assistant": "bot"}
 
-import difflib
-from .settings import show_value
+from .settings import near, show_value
 
 def _tname(v): return f"{type(v).__name__} {show_value(v, 40)}"  # the kind and the value given, as in "got int 3"
 
@@ -152,9 +151,9 @@ def _message(m, where, field):
         if k not in m: raise DataError(f"{where}: {field}.{k}: missing field")
     role = _ROLE_NAMES.get(m["role"]) if isinstance(m["role"], str) else None
     if role is None:
-        close = difflib.get_close_matches(str(m["role"]).lower(), list(_ROLE_NAMES), n=1, cutoff=0.6)
+        close = near(m["role"], _ROLE_NAMES)
         raise DataError(f"{where}: {field}.role: unknown role {m['role']!r} (expected system, user, bot or assistant)"
-                        + (f"; did you mean {close[0]!r}?" if close else ""))
+                        + (f"; did you mean {close!r}?" if close else ""))
     if not isinstance(m["content"], str): raise DataError(f"{where}: {field}.content: expected a string, got {_tname(m['content'])}")
     dl = m.get("disable_loss", False)
     if not isinstance(dl, bool): raise DataError(f"{where}: {field}.disable_loss: expected true or false, got {_tname(dl)}")

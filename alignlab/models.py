@@ -15,7 +15,7 @@ import json, logging
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
-from .settings import MirrorSettings, Settings, SettingsError, did_you_mean, load_settings
+from .settings import MirrorSettings, Settings, SettingsError, did_you_mean, load_settings, near
 
 # %% ../nbs/05_models.ipynb #17c4a201
 log = logging.getLogger("alignlab.models")
@@ -113,9 +113,8 @@ def _peft_name(v):
     if "name" not in v: return {**v, "name": "LORA"}
     name = v["name"]
     if name not in PEFT_NAMES:
-        import difflib
-        close = difflib.get_close_matches(str(name), PEFT_NAMES, n=1, cutoff=0.5)
-        raise SettingsError(f"peft_settings.name: unknown PEFT kind {name!r}; {f'did you mean {close[0]!r}? ' if close else ''}"
+        close = near(name, PEFT_NAMES)
+        raise SettingsError(f"peft_settings.name: unknown PEFT kind {name!r}; {f'did you mean {close!r}? ' if close else ''}"
                             f"expected one of {', '.join(PEFT_NAMES)}")
     return v
 

@@ -47,3 +47,13 @@ def serve_app():
     from alignlab.browser import serve_panel
     with ExitStack() as stack:
         yield lambda src: stack.enter_context(serve_panel(src))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for one module (tiny models run fastest so, and its float checks were measured so), restored after
+    it: set at import time instead, one thread would hold for every later module of the pytest process."""
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,7 @@ from alignlab.collate import (pad_collate, pad_batch, pack, fill_ratio, PackedDa
                               block_causal_mask, per_sample_loss)
 from alignlab.templates import IGNORE_INDEX
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
+
 from alignlab import zoo
 from alignlab.experiment import Experiment
 from alignlab.run import ExperimentSettings
@@ -45,7 +47,6 @@ def _adapter(d):
 
 def test_fluent_chain_and_json_are_one_experiment(tmp_path):
     import torch
-    torch.set_num_threads(1)
     a = fluent(tmp_path / "a")
     cfg = sft_json(tmp_path / "b")
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
@@ -191,8 +192,6 @@ def test_fit_in_jupyter_shows_a_progress_bar_and_a_live_loss_plot(tmp_path):
 
 
 def test_packing_through_the_experiment(tmp_path):
-    import torch
-    torch.set_num_threads(1)
     e = (Experiment(run_dir=tmp_path / "run").model("tiny-llama").chat_dataset("chat", max_tokens_count=128, num_samples=64, val_num_samples=8)
          .lora(r=4).packing()
          .trainer(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no", eval_strategy="no"))
@@ -206,9 +205,7 @@ def test_packing_through_the_experiment(tmp_path):
 
 
 def test_cherry_picks_through_the_experiment_land_in_the_store(tmp_path):
-    import torch
     from alignlab.cherry_picks import read_review_store
-    torch.set_num_threads(1)
     cp = {"dataset_settings": {"sources": [{"name": "cp", "records_path": str(zoo.get("chat") / "test.jsonl"), "num_samples": 4}],
                                "prompt_template": TPL, "dataset_type": "chat", "max_tokens_count": 96},
           "metric_settings": [{"type": "length", "parameters": {"need_average": [True]}}, {"type": "accuracy"}, {"type": "perplexity"}],

@@ -3,7 +3,7 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 from alignlab import zoo
 from alignlab.data import build_dataset

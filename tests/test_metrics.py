@@ -8,11 +8,7 @@ from alignlab.collate import answer_logprobs
 from alignlab.templates import LLAMA3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 
 # ---- text metrics: values computed by hand ----

@@ -12,12 +12,8 @@ KIND = {"LORA": {"r": 8}, "PREFIX_TUNING": {"num_virtual_tokens": 8}, "PROMPT_TU
         "P_TUNING": {"num_virtual_tokens": 8, "encoder_hidden_size": 32}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with 2 OpenMP threads on a shared 2-core box an AdamW step took 1.5 s instead of 0.02 s."""
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models run fastest on one thread: with 2 OpenMP threads on a shared 2-core box an AdamW step took 1.5 s instead of 0.02 s
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 
 @pytest.fixture(scope="module")

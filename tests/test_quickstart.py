@@ -3,6 +3,8 @@ import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -66,9 +68,7 @@ def test_reward_model_from_the_sft_model_ranks_held_out_pairs(run, tmp_path):
     """SFT -> RM, as in RLHF: the quickstart's adapter merged into the base, then a reward model (full fine-tuning, seq_cls with one
     output) on the zoo preferences; its pair accuracy on the held-out val pairs rises well above chance.
     (From the raw pre-trained base it does not: the <|eot_id|> states it pools are nearly identical, cosine 0.9999.)"""
-    import torch
-    from alignlab.quickstart import reward_model
-    torch.set_num_threads(1)
+    from alignlab.quickstart import reward_model  # on one thread, as the bench measured it (the module's fixture)
     d, _ = run
     s = reward_model(tmp_path, d / "final")
     acc = [h["eval_pair_accuracy"] for h in s["eval_history"]]

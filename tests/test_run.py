@@ -1,6 +1,9 @@
 """One path from settings to a trained run: the CLI, the quickstart and `Experiment.fit` all train through `alignlab.run.train`."""
 import json, os, subprocess, sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 
 def _adapter(d):
@@ -14,8 +17,7 @@ def _same(a, b) -> bool:
 
 
 def test_cli_quickstart_and_experiment_give_identical_adapters(tmp_path):
-    import torch
-    torch.set_num_threads(1)  # the CLI below runs with one thread too: a thread count can change float sums
+    # one thread (the module's fixture): the CLI below runs with one thread too, and a thread count can change float sums
     from alignlab.quickstart import quickstart
     from alignlab.experiment import Experiment
     qs = quickstart(tmp_path / "qs", steps=6, progress=False, log=lambda *a: None)
@@ -47,8 +49,6 @@ def test_every_door_reads_the_one_table():
 
 def test_fit_reuses_the_planned_datasets_and_trains_the_same(tmp_path, monkeypatch):
     """plan() tokenizes once; fit() trains on those datasets, with the same adapter as a fit that builds its own."""
-    import torch
-    torch.set_num_threads(1)
     import alignlab.data
     from alignlab.quickstart import experiment
     planned = experiment(tmp_path / "a", steps=4)
@@ -113,8 +113,7 @@ def test_training_budget_counts_as_the_trainer_does():
 
 def test_train_says_its_budget_once_and_keeps_it_in_the_summary(tmp_path, capsys, caplog):
     """The start of a run prints rows per step, steps and epochs once; the summary carries them, and they are the Trainer's."""
-    import logging, torch
-    torch.set_num_threads(1)
+    import logging
     from alignlab.run import train
     # the trap: a batch and max_steps set, the accumulation inherited (32): 12 batches of 4 cover the 48 chats, one epoch a step
     with caplog.at_level(logging.WARNING, logger="alignlab.run"):

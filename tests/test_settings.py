@@ -108,17 +108,21 @@ GOOD_INFERENCE = {"inference_settings": [{"model_settings": {"model_path": "tiny
 INFERENCE_POSITIONS = [()] + list(_positions(GOOD_INFERENCE))
 
 
+def _plant(good:dict, pos:tuple, value, new_key:str):
+    "A copy of `good` with `value` at `pos` (a new list item or key where pos ends in '<new>'; the whole config where pos is empty)."
+    if not pos: return value
+    d = o = copy.deepcopy(good)
+    for k in pos[:-1]: o = o[k]
+    if pos[-1] != "<new>": o[pos[-1]] = value
+    elif isinstance(o, list): o.append(value)
+    else: o[new_key] = value
+    return d
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(pos=st.sampled_from(POSITIONS), value=json_values, new_key=st.sampled_from(["x", "name", "r", "loss_settings", "peft_settings", "records_data"]))
 def test_fuzz_json_shapes_give_settings_or_one_line_error(pos, value, new_key):
-    d = copy.deepcopy(GOOD)
-    if not pos: d = value
-    else:
-        o = d
-        for k in pos[:-1]: o = o[k]
-        if pos[-1] != "<new>": o[pos[-1]] = value
-        elif isinstance(o, list): o.append(value)
-        else: o[new_key] = value
+    d = _plant(GOOD, pos, value, new_key)
     try: load_settings(ExperimentSettings, d)
     except SettingsError as e: assert "\n" not in str(e) and str(e), repr(e)
 
@@ -126,14 +130,7 @@ def test_fuzz_json_shapes_give_settings_or_one_line_error(pos, value, new_key):
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(pos=st.sampled_from(INFERENCE_POSITIONS), value=json_values)
 def test_fuzz_json_shapes_of_an_inference_config(pos, value):
-    d = copy.deepcopy(GOOD_INFERENCE)
-    if not pos: d = value
-    else:
-        o = d
-        for k in pos[:-1]: o = o[k]
-        if pos[-1] != "<new>": o[pos[-1]] = value
-        elif isinstance(o, list): o.append(value)
-        else: o["x"] = value
+    d = _plant(GOOD_INFERENCE, pos, value, "x")
     try: load_settings(InferenceSettings, d)
     except SettingsError as e: assert "\n" not in str(e) and str(e), repr(e)
 

@@ -12,7 +12,7 @@ from alignlab.metrics import classification_metrics, roc_auc, reward_metrics, fo
 from alignlab.checkpoints import check_run_dir, RunDirError, last_checkpoint, checkpoints, MARKER
 from alignlab.run import make_trainer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 QUICK = dict(per_device_train_batch_size=8, per_device_eval_batch_size=32, gradient_accumulation_steps=1, eval_steps=20,
              save_steps=20, logging_steps=10, lr_scheduler_type="constant", disable_tqdm=True,
              load_best_model_at_end=False)  # these runs check the last step's model; turbo's default (true) is tested below
