@@ -15,13 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def make_records(n, seed=0):
     "n multi-turn chats (2-4 turns, some with a system prompt) from the zoo's chat generator."
-    from alignlab import zoo
+    from alignlab.sample_data import chat_turn
     rng = random.Random(seed)
     out = []
     for i in range(n):
         msgs = [{"role": "system", "content": "Answer with the category only."}] if rng.random() < 0.3 else []
         for _ in range(rng.randint(2, 4)):
-            _, q, a = zoo.chat_turn(rng)
+            _, q, a = chat_turn(rng)
             msgs += [{"role": "user", "content": q}, {"role": "bot", "content": a}]
         out.append({"id": str(i), "messages": msgs})
     return out

@@ -1,7 +1,7 @@
 import json, os, re
 from pathlib import Path
 import pytest
-from alignlab import zoo
+from alignlab import corpus, sample_data, zoo
 
 
 def test_home_respects_env(tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_pretrained_model_writes_corpus_words_and_stops(tiny_llama, tok):
     import torch
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    vocab = set(w.lower() for w in zoo.NOUNS + zoo.ADJS + zoo.VERBS + zoo.PAST + zoo.ADVS + zoo.PREPS)
+    vocab = set(w.lower() for w in corpus.NOUNS + corpus.ADJS + corpus.VERBS + corpus.PAST + corpus.ADVS + corpus.PREPS)
     vocab |= {"the", "a", "of", "in", "is", "and", "are", "there", "on", "day", "year", "every", "but", "no", "said", "i", "an",
               "why", "does", "nobody", "knows", "morning", "evening", "night", "winter", "summer"}
     words, known = 0, 0
@@ -51,7 +51,7 @@ def test_pretrained_model_writes_corpus_words_and_stops(tiny_llama, tok):
 
 def test_corpus_tokenizer_and_pretraining_are_deterministic():
     import torch
-    a, b = zoo.corpus(n_lines=300), zoo.corpus(n_lines=300)
+    a, b = corpus.corpus(n_lines=300), corpus.corpus(n_lines=300)
     assert a == b
     t1, t2 = zoo.train_tokenizer(a, 600), zoo.train_tokenizer(b, 600)
     assert t1.get_vocab() == t2.get_vocab()
@@ -75,7 +75,7 @@ def test_classification_and_clip_items_load():
     assert out.logits.shape == (2, 2)
     c = zoo.get("tiny-clip")
     clip, proc = CLIPModel.from_pretrained(c), AutoImageProcessor.from_pretrained(c)
-    img = zoo.draw_shape("circle", "red")
+    img = sample_data.draw_shape("circle", "red")
     px = proc(images=img, return_tensors="pt")["pixel_values"]
     assert px.shape == (1, 3, 32, 32)
     assert clip.vision_model(pixel_values=px).last_hidden_state.shape == (1, 17, 64)
