@@ -13,7 +13,7 @@ from .data import DatasetSettings, PromptTemplateSettings
 from .models import (ModelSettings, TokenizerSettings, SpecialTokensSettings, LoraSettings, PrefixTuningSettings,
                              PromptTuningSettings, PTuningSettings, parse_model_settings, resolve_path, tokenizer_line)
 from .train import TrainerSettings, ClassificationLossSettings
-from .cherry_picks import CherryPickSettings
+from .cherry_pick_settings import CherryPickSettings
 from .recipes import recipe
 from .run import ExperimentSettings, train, training_budget
 from .templates import ChatTemplate

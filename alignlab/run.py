@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from .settings import Settings, SettingsError, load_settings
 from .data import DatasetSettings
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
-from .cherry_picks import CherryPickSettings
+from .cherry_pick_settings import CherryPickSettings
 from .train import TrainerSettings, ClassificationLossSettings, _has_accelerator, fit
 from .checkpoints import check_run_dir
 from .recipes import Recipe, RECIPES, recipe

@@ -40,9 +40,9 @@ TAKEN_BY = {
     "EngineSettings": "generate.VLLMEngineSettings", "VLLMGeneratorSettings": "generate.VLLMGenerationSettings",
     "SingleModelInferenceSettings": "inference.ModelInferenceSettings", "ChatSingleModelInferenceSettings": "inference.ModelInferenceSettings",
     "InferenceExperimentSettings": "inference.InferenceSettings", "ChatInferenceExperimentSettings": "inference.InferenceSettings",
-    "CherryPickSettings": "cherry_picks.CherryPickSettings", "GenerationSettings": "cherry_picks.CherryPickSettings",
-    "ChatCherryPickSettings": "cherry_picks.CherryPickSettings", "RMCherryPickSettings": "cherry_picks.CherryPickSettings",
-    "ClassificationCherryPickSettings": "cherry_picks.CherryPickSettings", "MetricSettings": "cherry_picks.MetricSettings",
+    "CherryPickSettings": "cherry_pick_settings.CherryPickSettings", "GenerationSettings": "cherry_pick_settings.CherryPickSettings",
+    "ChatCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "RMCherryPickSettings": "cherry_pick_settings.CherryPickSettings",
+    "ClassificationCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "MetricSettings": "cherry_pick_settings.MetricSettings",
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
@@ -75,7 +75,7 @@ NOT_TAKEN = {
 # %% ../nbs/16_turbo.ipynb #4c8dbd85
 # turbo enums: the alignlab field whose values they are (None: the enum belongs to a class in NOT_TAKEN)
 ENUMS = {"DatasetType": ("data.DatasetSettings", "dataset_type"), "ModelType": ("models.ModelSettings", "model_type"),
-         "MetricType": ("cherry_picks.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None, "DPOLossesType": None,
+         "MetricType": ("cherry_pick_settings.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None, "DPOLossesType": None,
          "ModalityEncoderType": None, "Modality": None, "ModalityReader": None, "ModalityProjectorType": None}
 
 # %% ../nbs/16_turbo.ipynb #606bb356
@@ -152,7 +152,7 @@ def _literal_values(ann) -> set:
 def _values(C, field:str) -> tuple:
     "The values of `C.field` alignlab takes, and those it refuses with a reason."
     if C.__name__ == "MetricSettings":  # metric types are checked against the metric table, not a Literal
-        from alignlab.cherry_picks import METRIC_PARAMETERS, NOT_AVAILABLE
+        from alignlab.cherry_pick_settings import METRIC_PARAMETERS, NOT_AVAILABLE
         return set(METRIC_PARAMETERS), NOT_AVAILABLE
     return _literal_values(C.model_fields[_keys(C)[field]].annotation), getattr(C, "refused_values", {}).get(field, {})
 

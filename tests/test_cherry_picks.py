@@ -1,4 +1,4 @@
-"""alignlab.cherry_picks: settings, the append-only review store (crash-safe), and the callback inside a real transformers.Trainer
+"""alignlab.cherry_pick_settings, .cherry_pick_metrics, .review_store and .cherry_picks: settings, the append-only review store (crash-safe), and the callback inside a real transformers.Trainer
 (tiny Llama + LoRA) with TensorBoard logging read back from the event files; the classification and reward-model cherry-picks
 (scored, not generated) through alignlab.run.train, checked against the model's own unbatched outputs."""
 import json, os, signal, subprocess, sys, textwrap, time
@@ -8,8 +8,9 @@ import pytest, torch
 from alignlab import zoo
 from alignlab.settings import SettingsError, load_settings
 from alignlab.trainers import CherryPickCallback
-from alignlab.cherry_picks import (CherryPickSettings, MetricSettings, append_records, read_review_store,
-                                   compute_metrics, STORE_NAME)
+from alignlab.cherry_pick_settings import CherryPickSettings, MetricSettings
+from alignlab.cherry_pick_metrics import compute_metrics
+from alignlab.review_store import append_records, read_review_store, STORE_NAME
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
@@ -75,7 +76,7 @@ def test_store_survives_sigkill(tmp_path):
     records read back are exactly 0..n-1 in order, and appending afterwards works."""
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})
-        from alignlab.cherry_picks import append_records
+        from alignlab.review_store import append_records
         i = 0
         while True:
             append_records({str(tmp_path / STORE_NAME)!r}, [{{"i": i + k, "pad": "x" * 200000}} for k in range(3)]); i += 3

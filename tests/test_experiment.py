@@ -205,7 +205,7 @@ def test_packing_through_the_experiment(tmp_path):
 
 
 def test_cherry_picks_through_the_experiment_land_in_the_store(tmp_path):
-    from alignlab.cherry_picks import read_review_store
+    from alignlab.review_store import read_review_store
     cp = {"dataset_settings": {"sources": [{"name": "cp", "records_path": str(zoo.get("chat") / "test.jsonl"), "num_samples": 4}],
                                "prompt_template": TPL, "dataset_type": "chat", "max_tokens_count": 96},
           "metric_settings": [{"type": "length", "parameters": {"need_average": [True]}}, {"type": "accuracy"}, {"type": "perplexity"}],
