@@ -37,7 +37,7 @@ TAKEN_BY = {
     "SamplingDatasetSettings": "data.DatasetSettings",
     "BaseGeneratorSettings": "generate.TransformersGenerationSettings", "GeneratorTransformersSettings": "generate.TransformersGenerationSettings",
     "CustomChatGenerationSettings": "generate.CustomGenerationSettings", "ChatGenerationSettings": "generate.GenerationSettings",
-    "EngineSettings": "generate.VLLMEngineSettings", "VLLMGeneratorSettings": "generate.VLLMGenerationSettings",
+    "EngineSettings": "vllm_backend.VLLMEngineSettings", "VLLMGeneratorSettings": "generate.VLLMGenerationSettings",
     "SingleModelInferenceSettings": "inference.ModelInferenceSettings", "ChatSingleModelInferenceSettings": "inference.ModelInferenceSettings",
     "InferenceExperimentSettings": "inference.InferenceSettings", "ChatInferenceExperimentSettings": "inference.InferenceSettings",
     "CherryPickSettings": "cherry_pick_settings.CherryPickSettings", "GenerationSettings": "cherry_pick_settings.CherryPickSettings",
@@ -48,7 +48,7 @@ TAKEN_BY = {
 # %% ../nbs/16_turbo.ipynb #c2838ff8
 _PREF = "not built yet: the preference-optimization pipelines (DPO family, KTO, DDPO, sampling) arrive with their own recipes"
 _RAG, _MM = "not built yet: the RAG pipelines arrive with their recipe", "not built yet: the multimodal pipelines arrive with their recipe"
-_OUT = "an output record, not a setting: inference writes it (06a_inference)"
+_OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
     **{c: _PREF for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings IPOLossSettings "

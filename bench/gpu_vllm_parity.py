@@ -1,5 +1,5 @@
 """GPU check: the same prompts through Hugging Face `generate` (alignlab.generate.generate, batched) and vLLM
-(alignlab.generate.VLLMGenerator); compares greedy outputs and reports the speed ratio.
+(alignlab.vllm_backend.VLLMGenerator); compares greedy outputs and reports the speed ratio.
 
 Needs a CUDA machine with the official vLLM and alignlab in one environment (vLLM pins its transformers, so install alignlab
 without deps next to it):
@@ -61,7 +61,8 @@ def main():
 
     import torch
     from alignlab.models import resolve_path, load_tokenizer
-    from alignlab.generate import generate, VLLMGenerator, import_vllm
+    from alignlab.generate import generate
+    from alignlab.vllm_backend import VLLMGenerator, import_vllm
     import_vllm()  # fail early, with the install hint
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_path(a.model)
