@@ -10,8 +10,8 @@ import math, os, time
 from pathlib import Path
 from .settings import SettingsError, load_settings
 from .data import DatasetSettings, PromptTemplateSettings
-from .models import (ModelSettings, TokenizerSettings, SpecialTokensSettings, LoraSettings, PrefixTuningSettings,
-                             PromptTuningSettings, PTuningSettings, parse_model_settings, resolve_path, tokenizer_line)
+from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings, parse_model_settings, resolve_path, tokenizer_line
+from .adapters import LoraSettings, PrefixTuningSettings, PromptTuningSettings, PTuningSettings
 from .train import TrainerSettings, ClassificationLossSettings
 from .cherry_pick_settings import CherryPickSettings
 from .recipes import recipe
@@ -24,7 +24,8 @@ def count_parameters(ms:ModelSettings, # the model settings (its config is read;
                     ) -> tuple:
     "(trainable, total) parameters for `model_settings`, counted on the meta device (no weights are read)."
     import torch, transformers
-    from alignlab.models import peft_config, _auto_class
+    from alignlab.adapters import peft_config
+    from alignlab.models import _auto_class
     path = resolve_path(ms.model_path)
     cfg = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in ms.model_kwargs.items() if k in ("num_labels", "problem_type")})
     with torch.device("meta"):

@@ -2,7 +2,8 @@
 import json, shutil, time
 import pytest, torch
 from alignlab import zoo
-from alignlab.models import load_model, merge_adapters_to_base, merge_from_settings, save_model, token_view, PEFT_NAMES
+from alignlab.models import load_model, merge_adapters_to_base, merge_from_settings, save_model, token_view
+from alignlab.adapters import PEFT_NAMES
 from alignlab.settings import SettingsError
 
 F32 = {"transformers_settings": {"torch_dtype": "float32"}}  # the checks compare numbers to float32 tolerances (the default is turbo's bfloat16)
