@@ -17,7 +17,8 @@ from typing import Literal, Optional, Union
 import numpy as np
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from .settings import Settings, SettingsError, did_you_mean, load_settings, one_line
-from .data import DatasetSettings, PromptTemplateSettings, build_dataset
+from .data import DatasetSettings, PromptTemplateSettings
+from .datasets import build_dataset
 from .generate import TransformersGenerationSettings, CustomGenerationSettings, generate
 from .models import TokenizerSettings
 from . import metrics as M
