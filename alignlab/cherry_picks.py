@@ -13,7 +13,8 @@ from types import SimpleNamespace
 from typing import Optional
 import numpy as np
 from .settings import SettingsError, load_settings
-from .data import DatasetSettings, build_dataset
+from .data import DatasetSettings
+from .datasets import build_dataset
 from .generate import generate
 from .recipes import RECIPES
 from .cherry_pick_settings import CherryPickSettings, MetricSettings, SCORE_METRICS

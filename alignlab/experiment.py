@@ -328,7 +328,7 @@ class _Plan(_TrainChain):
 
     def _datasets(self, s, tok):
         if "ds" not in self._cache:
-            from alignlab.data import build_dataset
+            from alignlab.datasets import build_dataset
             train = build_dataset(s.train_dataset_settings, tok, name="train")
             val = build_dataset(s.val_dataset_settings, tok, name="val") if s.val_dataset_settings else None
             self._cache["ds"] = (train, val)

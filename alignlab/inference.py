@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal, Optional
 from pydantic import Field, model_validator
 from .settings import Settings, SettingsError, load_settings
-from .data import DatasetSettings, build_dataset
+from .data import DatasetSettings
+from .datasets import build_dataset
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
 from .generate import GenerationSettings
 from .vllm_backend import VLLMEngineSettings, check_vllm_generation

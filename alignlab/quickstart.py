@@ -87,7 +87,7 @@ def quickstart(run_dir=None, # where to write (default: runs/quickstart-<time>)
     "Run the quickstart job; returns the summary (also written to `run_dir/summary.json`)."
     t0 = time.time()
     run_dir = Path(run_dir or Path("runs")/time.strftime("quickstart-%Y%m%d-%H%M%S"))
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.models import load_model
     from alignlab.run import train
     exp = experiment(run_dir, steps, batch_size, lr, r, max_tokens_count, seed)

@@ -277,7 +277,8 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
     "Train the experiment `settings` with its recipe; returns the summary (also in `run_dir/summary.json`)."
     import transformers
     from alignlab.models import load_model
-    from alignlab.data import build_dataset, read_records
+    from alignlab.data import read_records
+    from alignlab.datasets import build_dataset
     s = settings if isinstance(settings, ExperimentSettings) else load_settings(ExperimentSettings, settings)
     r, run_dir, t0 = s.recipe, Path(s.log_path), time.time()
     check_run_dir(run_dir)

@@ -35,7 +35,7 @@ def run_one(kind, n):
     from transformers import AutoTokenizer
     from alignlab import zoo
     from alignlab.templates import LLAMA3
-    from alignlab.data import encode_chats
+    from alignlab.encoding import encode_chats
     tok = AutoTokenizer.from_pretrained(zoo.get("tiny-llama"))
     recs = make_records(n)
     chats = [r["messages"] for r in recs]

@@ -25,7 +25,7 @@ def main():
     from transformers import AutoModelForCausalLM
     from alignlab import zoo
     from alignlab.models import resolve_path, load_tokenizer
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.generate import generate, prompt_ids
     from alignlab.quickstart import chat_settings
     path = resolve_path(a.model)

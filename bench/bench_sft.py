@@ -59,7 +59,7 @@ def load(model_name, seed):
 
 def chat_dataset(tok, n):
     from alignlab import zoo
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.quickstart import chat_settings
     ds = build_dataset(chat_settings(zoo.get("chat") / "train.jsonl", max_tokens_count=256), tok)
     return ds, [ds[i] for i in range(min(n, len(ds)))]

@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def build_prompts(tok, records_path, n, template_from=None):
     "Prompt ids as the trainer/inference pipeline builds them (Llama-3 template unless --dataset-settings is given)."
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.generate import prompt_ids
     if template_from:
         st = json.loads(open(template_from).read())

@@ -148,7 +148,7 @@ def test_trainer_writes_store_logs_and_tensorboard(policy, tmp_path):
     """tiny Llama + LoRA in a real transformers.Trainer: evaluation every 2 steps; the callback stores every generation with
     its step and metrics, and the averages reach log_history and the TensorBoard event files."""
     from transformers import Trainer, TrainingArguments
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.collate import Collator
     from alignlab.models import load_model
     model, tok = policy
@@ -247,7 +247,7 @@ def _probe(cp_dataset_settings):
     """A trainer callback that, at each evaluation, runs the model on every cherry-pick record one at a time (no batching, no
     padding) and keeps the raw outputs by step; independent of the cherry-pick code, which scores in padded batches."""
     from transformers import TrainerCallback
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
 
     class Probe(TrainerCallback):
         def __init__(self): self.outputs, self.records, self.history = {}, None, None

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for t
 @pytest.fixture(scope="module")
 def chat_ds(tok):
     from alignlab import zoo
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.data import chat_settings
     # only_answer_loss=False: every sample's first token has a real label, so the boundary rule matters
     return build_dataset({**chat_settings(zoo.get("chat") / "val.jsonl"), "only_answer_loss": False}, tok)

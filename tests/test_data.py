@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
-from alignlab.data import DataError, DatasetSettings, SourceSettings, build_dataset, read_source
+from alignlab.data import DataError, DatasetSettings, SourceSettings, read_source
+from alignlab.datasets import build_dataset
 from alignlab.encoding import encode_chats
 from alignlab.settings import SettingsError, load_settings
 from alignlab.templates import LLAMA3, IGNORE_INDEX, TruncationError

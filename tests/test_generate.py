@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 from alignlab import zoo
-from alignlab.data import build_dataset
+from alignlab.datasets import build_dataset
 from alignlab.generate import (generate, generate_records, prompt_ids, GenerationSettings, check_stop_strings,
                                finish_answer)
 from alignlab.collate import answer_logprobs

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for this module, restored after
 
 from alignlab import zoo
-from alignlab.data import build_dataset
+from alignlab.datasets import build_dataset
 from alignlab.inference import run_inference, OutputLog, check_adapter_fits, _meta_model
 from alignlab.settings import SettingsError
 from alignlab.data import chat_settings

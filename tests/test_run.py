@@ -49,14 +49,14 @@ def test_every_door_reads_the_one_table():
 
 def test_fit_reuses_the_planned_datasets_and_trains_the_same(tmp_path, monkeypatch):
     """plan() tokenizes once; fit() trains on those datasets, with the same adapter as a fit that builds its own."""
-    import alignlab.data
+    import alignlab.datasets
     from alignlab.quickstart import experiment
     planned = experiment(tmp_path / "a", steps=4)
     planned.plan()
     ds = planned._cache["ds"]
     builds = []
-    real = alignlab.data.build_dataset  # run.train imports it from alignlab.data when it runs
-    monkeypatch.setattr(alignlab.data, "build_dataset", lambda *a, **k: builds.append(k.get("name")) or real(*a, **k))
+    real = alignlab.datasets.build_dataset  # run.train imports it from alignlab.datasets when it runs
+    monkeypatch.setattr(alignlab.datasets, "build_dataset", lambda *a, **k: builds.append(k.get("name")) or real(*a, **k))
     a = planned.fit(progress=False)
     assert builds == []  # negative control below: a fit without plan() builds its own
     assert a["train_samples"] == len(ds[0])

@@ -22,7 +22,7 @@ LORA = {"name": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_m
 
 def _ds(item, split, dataset_type, tok, n=None):
     from alignlab import zoo
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     src = {"name": f"{item}-{split}", "records_path": str(zoo.get(item)/f"{split}.jsonl")}
     src.update({"num_samples": n} if n else {"sample_rate": 1})
     return build_dataset({"sources": [src], "dataset_type": dataset_type, "max_tokens_count": 128}, tok)
@@ -251,7 +251,7 @@ def test_rm_pair_accuracy_rises(tmp_path):
 
 def test_rm_precomputed_margin_enters_the_loss(tmp_path):
     from alignlab.models import load_model
-    from alignlab.data import build_dataset
+    from alignlab.datasets import build_dataset
     from alignlab.collate import PairCollator
     torch.manual_seed(0)
     model, tok = load_model({**F32, "model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1})

