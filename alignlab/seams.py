@@ -6,13 +6,13 @@
 __all__ = ['kept_run', 'message_index', 'trained_turns', 'served', 'char_spans', 'prefix_gap', 'suffix_tokens', 'Seam',
            'SeamReport', 'seam_fix', 'seam_lines', 'find_seams', 'seam_marks']
 
-# %% ../nbs/02b_seams.ipynb #92791995
+# %% ../nbs/02b_seams.ipynb #483950da
 from dataclasses import dataclass
 import numpy as np
 from .templates import ChatTemplate, TruncationError, carries_loss, encode, last_trained_bot, role_of
 from .encoding import encode_chats
 
-# %% ../nbs/02b_seams.ipynb #c86e8794
+# %% ../nbs/02b_seams.ipynb #e7916a50
 def kept_run(msgs:list, # the record's messages
              kept, # `(lo, hi)`: the messages its sample kept (`encode_chats`'s `kept`, `Sample.kept`)
             ) -> list:
@@ -54,7 +54,7 @@ def char_spans(tpl:ChatTemplate, # the prompt template
         a = pos + len(p); b = a + len(m["content"]); pos = b + n; out.append((a, b, pos))
     return out
 
-# %% ../nbs/02b_seams.ipynb #54b28ee7
+# %% ../nbs/02b_seams.ipynb #b4162596
 def prefix_gap(prompt, # the served prompt's token ids
                train, # the training sample's token ids
               ):
@@ -77,7 +77,7 @@ def suffix_tokens(ids, # a sample's token ids
     how = " and ".join(w for w, x in (("the answer's end", left), ("what follows", right)) if x)
     return tuple(int(t) for t in ids[k0:k1]), how
 
-# %% ../nbs/02b_seams.ipynb #9e47f1c2
+# %% ../nbs/02b_seams.ipynb #58a2c781
 @dataclass
 class Seam:
     "One place where what is served is not what was trained: `kind` 'prompt' (the served prompt is no token prefix) or 'stop' (the suffix's ids differ)."
@@ -102,7 +102,7 @@ class SeamReport:
     def __repr__(self): return (f"SeamReport({len(self.seams)} of {self.prompts} served prompts are no token prefix ({self.records} records); "
                                 f"{len(self.stops)} of {self.turns} trained suffixes differ)")
 
-# %% ../nbs/02b_seams.ipynb #7849edd0
+# %% ../nbs/02b_seams.ipynb #db0c484e
 def _toks(tokenizer, ids, limit=4) -> str:
     "Token ids as backticked token strings (the first `limit`)."
     if not len(ids): return "nothing"
@@ -139,7 +139,7 @@ def seam_lines(rep:SeamReport, # what `find_seams` found
                    + (f" (e.g. {tokenizer.eos_token!r})" if tokenizer.eos_token else ""))
     return out
 
-# %% ../nbs/02b_seams.ipynb #2be1856f
+# %% ../nbs/02b_seams.ipynb #8ae7b693
 def _rows(store, token_ends, trailing, status, cut_ids):
     "`(i, ids, ends, at)` of each kept row of `store`: `ends` from `token_ends` (None: not given), `ids` without the `trailing` appended tokens, `at` its cut tokens."
     for c, (ids, ptr, start) in enumerate(zip(store.ids, store.ptrs, store.starts)):
@@ -170,7 +170,7 @@ def _seam(i, j, prompt, train):
     if k is None: return None
     return Seam("prompt", i, j, tuple(prompt[max(0, k - 1):].tolist()), tuple(train[k:k + max(1, len(prompt) - k)].tolist()))
 
-# %% ../nbs/02b_seams.ipynb #5519e773
+# %% ../nbs/02b_seams.ipynb #ea29af58
 def _check_prompts(tpl, tokenizer, full, tails, out):
     "Check the pending served prompts: `tails` (the text after a cut token, encoded alone) then `full` (whole prompts, `encode_chats`)."
     if tails:
@@ -188,7 +188,7 @@ def _check_prompts(tpl, tokenizer, full, tails, out):
             if s: out.seams.append(s)
     full.clear(); tails.clear()
 
-# %% ../nbs/02b_seams.ipynb #4ef2c1df
+# %% ../nbs/02b_seams.ipynb #17d66d1e
 def find_seams(tpl:ChatTemplate, # the prompt template the samples were rendered with
                tokenizer, # their tokenizer
                chats:list, # the records' messages, as `encode_chats` got them
@@ -217,8 +217,9 @@ def find_seams(tpl:ChatTemplate, # the prompt template the samples were rendered
             if not served(run, j): continue
             k = _last_cut(at, ends, spans[j][0]) if len(at) else None
             if k is None: full.append((run[:j], i, mj, ids)); continue
-            text = text or "".join(cache[role_of(m)] + m["content"] + suf for m in run)
-            tails.append((cuts[int(ids[k])] + text[ends[k]:spans[j][0]], i, mj, ids, k, run[:j]))
+            text, cut = text or "".join(cache[role_of(m)] + m["content"] + suf for m in run), cuts[int(ids[k])]
+            if text[ends[k] - len(cut):ends[k]] != cut: full.append((run[:j], i, mj, ids)); continue  # the model's (an unknown's), not the text's
+            tails.append((cut + text[ends[k]:spans[j][0]], i, mj, ids, k, run[:j]))
         if len(full) + len(tails) >= batch: _check_prompts(tpl, tokenizer, full, tails, out)
     _check_prompts(tpl, tokenizer, full, tails, out)
     out.seams.sort(key=lambda x: (x.record, x.message))
@@ -226,7 +227,7 @@ def find_seams(tpl:ChatTemplate, # the prompt template the samples were rendered
     out.stops = sorted(merged + [Seam("stop", i, j, (), t) for t, at in aligned.items() if t != out.suffix for i, j in at], key=lambda x: (x.record, x.message))
     return out
 
-# %% ../nbs/02b_seams.ipynb #fe0b4ed9
+# %% ../nbs/02b_seams.ipynb #01f23584
 def _tip(tokenizer, what, served, trained, fix) -> str:
     return f"{what}: the served prompt ends {_toks(tokenizer, served)}, training has {_toks(tokenizer, trained)}. Fix: {fix}"
 
@@ -240,7 +241,7 @@ def _prompt_marks(tpl, tokenizer, s, answer, fix) -> dict:
     tip = _tip(tokenizer, "seam", s.input_ids[max(0, k - 1):], train[k:k + max(1, len(s) - k)], fix)
     return {t: tip for t in range(k, len(s))}
 
-# %% ../nbs/02b_seams.ipynb #2eb3804f
+# %% ../nbs/02b_seams.ipynb #e06b7363
 def seam_marks(tpl:ChatTemplate, # the prompt template `s` was encoded with
                tokenizer, # its tokenizer
                s, # a `templates.Sample`: a training sample, or an inference prompt
