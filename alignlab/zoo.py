@@ -145,7 +145,7 @@ def build_tiny_llama(out:Path, # the (empty) folder to write into; `get` passes 
     lines = corpus(seed)
     tok = train_tokenizer(lines)
     from alignlab.templates import LLAMA3
-    tok.chat_template = LLAMA3.to_jinja()
+    tok.chat_template = LLAMA3.to_jinja(tok)
     cfg = tiny_llama_config(tok)
     model = LlamaForCausalLM(cfg)
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
