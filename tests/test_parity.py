@@ -3,7 +3,8 @@
 Families: the zoo's byte-level BPE (`tiny-llama`), SentencePiece-style (`tiny-llama-sp`: byte fallback, Metaspace with prepend
 scheme "first", `<s>` in front) and WordPiece (`tiny-wordpiece`: `[CLS] $A [SEP]`). Template shapes: Llama-3; turbo-style
 `<RS>{role}` ... `</RS>` with the tags as special tokens added to the tokenizer; plain-text tags with a trailing space
-`[{role}] `; the same with a prefix that starts with the front token's text (`<s>[{role}] `, `[CLS][{role}] `). For each pair:
+`[{role}] `; the same with a prefix that starts with the front token's text (`<s>[{role}] `, `[CLS][{role}] `); and (a fifth) a
+template where only some roles' prefixes start with it, so the exported template checks the rendered text. For each pair:
 `encode` ids == `tokenizer(served_text(text), add_special_tokens=False)`; `apply_chat_template(to_jinja(tpl, tok))` == `encode`
 (with and without the generation prompt vs `inference=True`); the generator's prompt ids (`prompt_ids` of an inference
 `build_dataset`) == the same; the batched `build_dataset` == `encode` record by record.
@@ -18,7 +19,7 @@ from alignlab.templates import (LLAMA3, ChatTemplate, IGNORE_INDEX, TruncationEr
 from alignlab.settings import SettingsError
 
 FAMILIES = ("tiny-llama", "tiny-llama-sp", "tiny-wordpiece")
-SHAPES = ("llama3", "turbo", "brackets", "bos-brackets")
+SHAPES = ("llama3", "turbo", "brackets", "bos-brackets", "mixed")
 TURBO_TAGS = ["<RS>", "</RS>", "<user>", "<bot>", "<system>"]
 ROLES = {"bot": "bot", "user": "user", "system": "system"}
 # the CI profile derandomizes; 100 chats per family x shape (10 batches for the batched path) keep the module near 30 s on 2 busy cores
@@ -42,7 +43,9 @@ def template(tok, shape):
     return {"llama3": LLAMA3,
             "turbo": ChatTemplate({"bot": "<bot>", "user": "<user>", "system": "<system>"}, "<RS>{role}", "</RS>"),
             "brackets": ChatTemplate(ROLES, "[{role}] ", end),
-            "bos-brackets": ChatTemplate(ROLES, front_text(tok) + "[{role}] ", end)}[shape]
+            "bos-brackets": ChatTemplate(ROLES, front_text(tok) + "[{role}] ", end),
+            # only the user's tag starts with the front text: the exported template decides from the rendered text (its "check" form)
+            "mixed": ChatTemplate({"user": front_text(tok) + "user", "bot": "bot", "system": "system"}, "{role}: ", end)}[shape]
 
 
 PAIRS = [pytest.param(f, s, id=f"{f}-{s}") for f in FAMILIES for s in SHAPES]
@@ -204,6 +207,16 @@ def test_to_jinja_refuses_what_would_drift(tmp_path):
     # a `bos` that contradicts the tokenizer
     with pytest.raises(SettingsError, match=r"^to_jinja: bos=False, but TokenizersBackend puts '<s>' in front"):
         BRACKETS.to_jinja(AutoTokenizer.from_pretrained(zoo.get("tiny-llama-sp")), bos=False)
+
+
+def test_each_shape_exports_the_front_as_decided():
+    """What the exported templates put in front, per family and shape: the property tests above cover all three forms."""
+    from alignlab.templates import jinja_front
+    for family, var in zip(FAMILIES, ("bos_token", "bos_token", "cls_token")):
+        tok = tokenizer(family, "llama3")
+        got = {shape: jinja_front(template(tok, shape), tok) for shape in SHAPES}
+        assert got == {"llama3": (var, "add"), "turbo": (var, "add"), "brackets": (var, "add"), "bos-brackets": (var, "none"),
+                       "mixed": (var, "check")}, family
 
 
 def test_the_rule_fixes_the_known_failures():
