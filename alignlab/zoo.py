@@ -229,21 +229,37 @@ def train_sp_tokenizer(lines:list, # the training texts
 # %% ../nbs/01_zoo.ipynb #dead4fed
 WORDPIECE_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
+def _wordpiece_vocab(lines:list, # the training texts
+                     normalizer, # BERT's normalizer
+                     vocab_size:int, # the vocabulary size, the special tokens included
+                    ) -> dict:
+    "WordPiece pieces learned by a BPE over '▁'-marked words (deterministic: tokenizers' WordPieceTrainer numbers its '##' pieces in hash order)."
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers
+    t = Tokenizer(models.BPE(unk_token="[UNK]"))
+    t.normalizer = normalizer
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(),
+                                               pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    t.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False))
+    learned = sorted(json.loads(t.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])
+    chars = sorted({c for p, _ in learned for c in p if c != "▁"})
+    # every character starts a word and continues one; then the pieces: "▁ab" starts a word ("ab"), "ab" continues one ("##ab")
+    pieces = WORDPIECE_SPECIAL + [x for c in chars for x in (c, "##" + c)]
+    pieces += [p[1:] if p.startswith("▁") else "##" + p for p, _ in learned if p != "▁" and len(p.lstrip("▁")) > 1]
+    return {p: i for i, p in enumerate(dict.fromkeys(pieces[:vocab_size] if len(pieces) > vocab_size else pieces))}
+
 def train_wordpiece_tokenizer(lines:list, # the training texts
                               vocab_size:int=2048, # the vocabulary size, the special tokens included
                              ):
     "A BERT-style WordPiece trained on `lines`: lower-cased, accents stripped, `[CLS] $A [SEP]`; returns a `PreTrainedTokenizerFast`."
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, processors, normalizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, normalizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    vocab = _wordpiece_vocab(lines, norm, vocab_size)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.add_special_tokens(WORDPIECE_SPECIAL)
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIAL, show_progress=False))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = norm, pre_tokenizers.BertPreTokenizer(), decoders.WordPiece(prefix="##")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+                                                       special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
                                    mask_token="[MASK]", model_max_length=512)
 

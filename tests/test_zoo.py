@@ -145,3 +145,10 @@ def test_sentencepiece_and_wordpiece_families():
     wp = AutoTokenizer.from_pretrained(zoo.get("tiny-wordpiece"))
     assert wp.convert_ids_to_tokens(wp("The dog")["input_ids"]) == ["[CLS]", "the", "dog", "[SEP]"]
     assert wp.bos_token is None and wp.cls_token == "[CLS]" and wp.pad_token == "[PAD]" and wp.mask_token == "[MASK]"
+
+
+def test_the_new_tokenizer_families_train_deterministically():
+    lines = corpus.corpus(n_lines=1500, layout=corpus.bracket_text)
+    for train in (zoo.train_sp_tokenizer, zoo.train_wordpiece_tokenizer):
+        a, b = train(lines, 700), train(lines, 700)
+        assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and len(a) == 700, train.__name__
