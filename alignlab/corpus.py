@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['NOUNS', 'ADJS', 'VERBS', 'PAST', 'ADVS', 'PREPS', 'SYLLABLES', 'CATEGORIES', 'LLAMA3_ROLES', 'invented_names',
-           'sentence', 'llama3_text', 'fact', 'story_dialogue', 'corpus']
+           'sentence', 'llama3_text', 'bracket_text', 'fact', 'story_dialogue', 'corpus']
 
 # %% ../nbs/00a_corpus.ipynb #215f7f6e
 import random
@@ -77,6 +77,11 @@ def llama3_text(messages:list, # dicts with role (system, user, bot) and content
     return "".join(f"<|start_header_id|>{LLAMA3_ROLES.get(m['role'], m['role'])}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
                    for m in messages)
 
+def bracket_text(messages:list, # dicts with role (system, user, bot) and content
+                ) -> str:
+    "Render messages in a Llama-2 / Mistral-like plain-text layout: `[role] content</s>` (tags are text, with a trailing space)."
+    return "".join(f"[{LLAMA3_ROLES.get(m['role'], m['role'])}] {m['content']}</s>" for m in messages)
+
 def fact(rng:random.Random, # the random generator drawn from
         ) -> tuple:
     "A (noun, category) pair of the corpus's facts."
@@ -85,8 +90,9 @@ def fact(rng:random.Random, # the random generator drawn from
 def story_dialogue(rng:random.Random, # the random generator drawn from
                    names:list, # invented person names to use
                    places:list, # invented place names to use
+                   layout=None, # renders the messages: `llama3_text` (None) or `bracket_text`
                   ) -> str:
-    "A chat in the Llama-3 layout: a request and a story answer; half of them describe the thing asked about."
+    "A chat in the Llama-3 layout (or `layout`): a request and a story answer; half of them describe the thing asked about."
     n, a = rng.choice(NOUNS), rng.choice(ADJS)
     if rng.random() < 0.5:
         # the answer names the thing asked about and its category: reading back from the answer to the question is
@@ -100,12 +106,13 @@ def story_dialogue(rng:random.Random, # the random generator drawn from
         answer = " ".join(sentence(rng, names, places) for _ in range(rng.randint(1, 2)))
     msgs = [{"role": "user", "content": q}, {"role": "bot", "content": answer}]
     if rng.random() < 0.3: msgs.insert(0, {"role": "system", "content": "You are a helpful storyteller."})
-    return llama3_text(msgs)
+    return (layout or llama3_text)(msgs)
 
 def corpus(seed:int=0, # the corpus's seed (same seed, same lines)
            n_lines:int=20000, # how many lines
            dialogue_share:float=0.25, # the share of lines that are story dialogues
            fact_share:float=0.25, # the share of lines that are category facts; the rest is prose
+           layout=None, # how dialogues are rendered: `llama3_text` (None) or `bracket_text` (the SentencePiece zoo model's)
           ) -> list:
     "The pre-training corpus: story dialogues in the Llama-3 layout, category facts ('The red fox is an animal.'), prose."
     rng = random.Random(seed)
@@ -113,7 +120,7 @@ def corpus(seed:int=0, # the corpus's seed (same seed, same lines)
     lines = []
     for _ in range(n_lines):
         r = rng.random()
-        if r < dialogue_share: lines.append(story_dialogue(rng, names, places))
+        if r < dialogue_share: lines.append(story_dialogue(rng, names, places, layout))
         elif r < dialogue_share + fact_share:
             n, c = fact(rng); lines.append(f"The {rng.choice(ADJS)} {n} is {c}." if rng.random() < 0.5 else f"The {n} is {c}.")
         else: lines.append(" ".join(sentence(rng, names, places) for _ in range(rng.randint(1, 4))))

@@ -9,7 +9,7 @@ __all__ = ['TokenStore', 'encode_chats']
 import itertools, zlib
 import numpy as np
 from .templates import (ChatTemplate, IGNORE_INDEX, TruncationError, allowed_ends, carries_loss, encode, last_trained_bot,
-                                overlap_mask, role_of, special_edges)
+                                front_text, overlap_mask, role_of, served_text)
 
 # %% ../nbs/02a_encoding.ipynb #63d8b022
 class TokenStore:
@@ -63,11 +63,11 @@ def _render(tpl:ChatTemplate, # the prompt template
 
 # %% ../nbs/02a_encoding.ipynb #8c1a7863
 def _tokenize_masked(backend, # a fast tokenizer's `backend_tokenizer`
-                     texts:list, # the rendered chats
-                     ivs:list, # per text, its trained character intervals `(start, end)`
+                     texts:list, # the strings to tokenize: the rendered chats as `served_text` gives them
+                     ivs:list, # per string, its trained character intervals `(start, end)`
                     ):
-    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss, ends)`: all token ids, their loss mask, per text its token and loss-token counts, and each token's end offset in its text."
-    encs = backend.encode_batch(texts)
+    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss, ends)`: all token ids, their loss mask, per text its token and loss-token counts, and each token's end offset in its string."
+    encs = backend.encode_batch(texts, add_special_tokens=False)
     tl = np.fromiter(map(len, encs), np.int64, len(encs)); total = int(tl.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
     off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total).reshape(-1, 2)
@@ -128,8 +128,7 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
                 ):
     "Encode many chats; returns `(store, kept, status)`: store row i is chat i (empty if dropped), `status[i]` is 'ok', 'truncated' or the drop reason."
     n = len(chats); fast = bool(getattr(tokenizer, "is_fast", False))
-    front, back = special_edges(tokenizer)
-    bos_text = tokenizer.bos_token if front else None
+    front = front_text(tokenizer) if fast else None  # None: one chat at a time, by `encode`
     backend = tokenizer.backend_tokenizer if fast else None
     store, kept, status = TokenStore(), np.zeros((n, 2), np.int32), [None] * n
     prefixes = {}
@@ -137,7 +136,7 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
               only_last_replica_loss=only_last_replica_loss, ends_on_bot=ends_on_bot, random_cut=random_cut)
     for c0 in range(0, n, chunk_size):
         idx = range(c0, min(n, c0 + chunk_size))
-        texts, fast_i, ivs, slow = [], [], [], []
+        texts, fast_i, ivs, shifts, slow = [], [], [], [], []
         for i in idx:
             msgs = chats[i]
             ends = allowed_ends(msgs, inference, ends_on_bot, random_cut, seeds[i] if seeds else 0)
@@ -146,12 +145,14 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
             last_bot = last_trained_bot(msgs, hi)
             try: text, iv = _render(tpl, msgs, hi, last_bot, prefixes, only_answer_loss, only_last_replica_loss, inference)
             except KeyError as e: status[i] = str(e.args[0]); continue
-            if not fast or back or (bos_text and text.startswith(bos_text)): slow.append(i); continue
-            texts.append(text); fast_i.append(i); ivs.append(iv); kept[i] = (0, hi)
+            if front is None: slow.append(i); continue
+            text, k = served_text(tokenizer, text)  # the one string rule: the front text written in front
+            texts.append(text); fast_i.append(i); ivs.append([(a + k, b + k) for a, b in iv] if k else iv); shifts.append(k); kept[i] = (0, hi)
         lens = np.zeros(len(idx), np.int64)
         ids = mask = tend = np.zeros(0, np.int32)
         if texts:
             ids, mask, tl, nloss, tend = _tokenize_masked(backend, texts, ivs)
+            if any(shifts): tend = np.maximum(tend - np.repeat(np.asarray(shifts, np.int32), tl), 0)  # ends in the chat's text, as `encode`'s offsets
             bad = (tl > max_tokens_count) if max_tokens_count is not None else np.zeros(len(tl), bool)
             if not inference and ends_on_bot: bad |= nloss == 0
             for k in np.flatnonzero(bad).tolist(): slow.append(fast_i[k])

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['LARGE_TRAIN_SET', 'ExperimentSettings', 'check_model', 'make_trainer', 'training_budget', 'plot_history',
-           'LiveLossPlot', 'train']
+           'LiveLossPlot', 'export_chat_template', 'train']
 
 # %% ../nbs/10_run.ipynb #7b89296c
 import json, logging, math, sys, time
@@ -266,6 +266,16 @@ def LiveLossPlot():
     "A trainer callback that redraws the loss curve in a notebook."
     return _live_loss_plot_cls()()
 
+# %% ../nbs/10_run.ipynb #86a011c1
+def export_chat_template(tok, # the run's tokenizer (saved with the model)
+                         tpl, # the training `ChatTemplate` (`train_ds.template`)
+                        ):
+    "Set `tok.chat_template` to the training template; where a template would drift, remove it and return why (None: exported)."
+    try: tok.chat_template = tpl.to_jinja(tok); return None
+    except SettingsError as e:
+        tok.chat_template = None
+        return f"chat_template not saved with the model: {e}"
+
 # %% ../nbs/10_run.ipynb #b4174a67
 def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path or a dict)
           resume:bool=False, # continue from the last complete checkpoint in the run directory
@@ -300,6 +310,8 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
     trainer = make_trainer(r, model, tok, train_ds, val_ds, s.trainer_settings.model_dump(mode="json", exclude_unset=True), run_dir,
                            packing=s.packing, loss_settings=s.loss_settings, callbacks=callbacks, seed=s.seed)
     if not progress: trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+    note = export_chat_template(tok, train_ds.template)  # final/ serves what was trained
+    if note: trainer.alignlab_notes.append(note); logging.getLogger("alignlab.run").warning(note)
     budget = training_budget(s.trainer_settings, len(trainer.train_dataset), trainer.args.world_size,
                              what=f"packed rows ({len(train_ds)} chats)" if s.packing else "records", evaluates=val_ds is not None)
     trainer.alignlab_notes += budget["warnings"]  # the run summary's notes keep them

@@ -171,3 +171,20 @@ def test_prompt_tails_after_a_special_token_equal_whole_prompts(tok):
         assert cheap.prompts == whole.prompts == 2490
         assert [(s.record, s.message, s.served, s.trained) for s in cheap.seams] == [(s.record, s.message, s.served, s.trained) for s in whole.seams]
         assert bool(cheap.seams) == (d is not L3)  # plain tags seam, after a special token or not; Llama 3 does not
+
+
+def test_sentencepiece_trailing_space_seams_match_the_oracle():
+    """The same check on the SentencePiece-style family (zoo `tiny-llama-sp`, Metaspace): the prefix's trailing space becomes the
+    answer's `▁`, so the served prompt ends in a lone `▁` where training has `▁It`; the Llama-3-like special-tag template is clean."""
+    from transformers import AutoTokenizer
+    sp = AutoTokenizer.from_pretrained(zoo.get("tiny-llama-sp"))
+    recs = reopened(chat_records()[:200])
+    rep = build_dataset({**source(recs), "prompt_template": PLAIN}, sp).report
+    def oracle(answer):  # asks the tokenizer: is "[bot] " alone a token prefix of "[bot] " + the answer?
+        p, t = (sp(x, add_special_tokens=False)["input_ids"] for x in ("[bot] ", "[bot] " + answer))
+        return t[:len(p)] != p
+    want = [(i, j) for i, r in enumerate(recs) for j, m in enumerate(r["messages"]) if m["role"] == "bot" and oracle(m["content"])]
+    assert sorted((s.record, s.message) for s in rep.seams.seams) == want and len(want) > 100, (len(want), len(rep.seams.seams))
+    assert any(l.startswith("seam:") and "▁" in l for l in rep.warnings)
+    sp_tags = {**PLAIN, "prefix_template": "<s>[{role}]"}  # no trailing space: the answer's own `▁` is trained and served alike
+    assert build_dataset({**source(recs), "prompt_template": sp_tags}, sp).report.seams.seams == []

@@ -15,7 +15,7 @@ message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "bot
                                 optional={"disable_loss": st.booleans()})
 chats = st.lists(message, min_size=1, max_size=7)
 tag = st.text(st.sampled_from("abcXYZ_ |<>é\n"), min_size=1, max_size=6)
-piece = st.text(st.sampled_from("ab<>|_:\n [] é#"), max_size=8)
+piece = st.one_of(st.text(st.sampled_from("ab<>|_:\n [] é#"), max_size=8), st.sampled_from(["<|begin_of_text|>", "<|begin_of", "<|"]))
 templates = st.builds(lambda u, b, s, pre, post, suf: ChatTemplate({"user": u, "bot": b, "system": s}, pre + "{role}" + post, suf),
                       tag, tag, tag, piece, piece, st.one_of(piece, st.just("<|eot_id|>")))
 
@@ -91,12 +91,13 @@ def test_jinja_round_trip_token_for_token(tok, tpl, msgs):
     t = tok
     old = t.chat_template
     try:
-        t.chat_template = tpl.to_jinja()
-        served = list(t.apply_chat_template(msgs, tokenize=True)["input_ids"])
-        assert served == tpl.encode(t, msgs, ends_on_bot=False, only_answer_loss=False).input_ids
-        if role_of(msgs[-1]) != "bot" and any(role_of(m) != "system" for m in msgs):
-            prompt = list(t.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"])
-            assert prompt == tpl.encode(t, msgs, inference=True).input_ids
+        for jinja in (tpl.to_jinja(), tpl.to_jinja(t)):  # without the tokenizer (the text decides) and with it
+            t.chat_template = jinja
+            served = list(t.apply_chat_template(msgs, tokenize=True)["input_ids"])
+            assert served == tpl.encode(t, msgs, ends_on_bot=False, only_answer_loss=False).input_ids
+            if role_of(msgs[-1]) != "bot" and any(role_of(m) != "system" for m in msgs):
+                prompt = list(t.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"])
+                assert prompt == tpl.encode(t, msgs, inference=True).input_ids
     finally:
         t.chat_template = old
 

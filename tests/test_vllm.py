@@ -5,6 +5,7 @@ subprocess and serves the base model (no LoRARequest) and the adapter. Checks: g
 without a LoRA adapter, several stop strings, sampling
 pinned to greedy by `min_p` (an extra GenerationConfig field reaching both backends), turbo's `vllm_settings` (with its keys they
 are the vLLM sampling: greedy by temperature 0, `logprobs` in the answers) and `filter_token_ids` (vLLM generates only those ids).
+A second engine serves the SentencePiece-style zoo model (`tiny-llama-sp`) with a Llama-2 style template: the same parity there.
 
 Run as a script (`python tests/test_vllm.py job.json out.json`) it is the child that runs inside the vLLM venv.
 """
@@ -52,6 +53,17 @@ def vllm_python():
     r = subprocess.run(["bash", str(REPO / "tests/vllm_venv.sh")], capture_output=True, text=True)
     if r.returncode: pytest.fail(f"tests/vllm_venv.sh failed: {r.stderr[-2000:]}")
     return r.stdout.strip().splitlines()[-1]
+
+
+def run_vllm(py, cfg, tmp_path):
+    """Run the inference config `cfg` with use_vllm on every entry in the vLLM venv (the child below); outputs under tmp_path/vllm."""
+    vcfg = {**cfg, "inference_settings": [{**e, "use_vllm": True} for e in cfg["inference_settings"]], "save_path": str(tmp_path / "vllm")}
+    (tmp_path / "job.json").write_text(json.dumps(vcfg))
+    env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
+    env.pop("VIRTUAL_ENV", None)
+    r = subprocess.run([py, __file__, str(tmp_path / "job.json"), str(tmp_path / "out.json")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +117,7 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
     assert first("chat_m0_g2.jsonl") == first("chat_m0_g0.jsonl") and first("chat_m1_g2.jsonl") == first("chat_m1_g0.jsonl")
     assert first("chat_m1_g0.jsonl") != first("chat_m0_g0.jsonl"), "the adapter changes nothing"
     assert any(len(first("chat_m0_g1.jsonl")[k]) < len(v) for k, v in first("chat_m0_g0.jsonl").items()), "no stop string was hit"
-    vcfg = {**cfg, "inference_settings": [{**e, "use_vllm": True} for e in cfg["inference_settings"]], "save_path": str(tmp_path / "vllm")}
-    (tmp_path / "job.json").write_text(json.dumps(vcfg))
-    env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
-    env.pop("VIRTUAL_ENV", None)
-    r = subprocess.run([py, __file__, str(tmp_path / "job.json"), str(tmp_path / "out.json")], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_vllm(py, cfg, tmp_path)
     info = json.loads((tmp_path / "vllm/info.json").read_text())
     assert all(v["backend"] == "vllm" and v["complete"] and v["records"] == 6 for v in info.values())
     for n, want in ref.items():
@@ -128,3 +134,31 @@ def test_vllm_parity_with_hf(tiny_llama, tok, lora_adapter, tmp_path):
     for m in (0, 1):
         got = rows(tmp_path / "vllm", f"chat_m{m}_g4.jsonl")
         assert len(got) == 6 and all(set(r["answers"][0]["answer_token_ids"]) <= set(allowed) for r in got.values())
+
+
+def test_vllm_parity_on_the_sentencepiece_family(tmp_path):
+    """The SentencePiece-style zoo model (Metaspace "first", byte fallback) with a Llama-2 style template whose prefix starts
+    with `<s>`: vLLM, fed the prompt ids the one string rule gives, answers token for token as Hugging Face generate does."""
+    from alignlab import zoo
+    from alignlab.inference import run_inference
+    py = vllm_python()
+    pt = {"role_tag_mapping": {"bot": "assistant", "user": "user", "system": "system"}, "prefix_template": "<s>[{role}] ",
+          "suffix_template": "</s>"}
+    st = {"sources": [{"name": "test", "records_path": str(zoo.get("chat") / "test.jsonl"), "num_samples": 6}], "prompt_template": pt,
+          "dataset_type": "chat", "max_tokens_count": 128}
+    gens = [{"transformers_settings": {"max_new_tokens": 16, "do_sample": False}},  # stops at </s> (turbo's default stop string)
+            {"transformers_settings": {"max_new_tokens": 16, "do_sample": False, "stop_strings": ["the", "</s>"]},
+             "custom_settings": {"skip_special_tokens": False}}]
+    entry = {"model_settings": {"model_path": str(zoo.get("tiny-llama-sp")), "transformers_settings": {"torch_dtype": "float32"}},
+             "generation_settings": gens, "vllm_engine_settings": {"max_model_len": 256, "max_num_seqs": 8, "enforce_eager": True}}
+    cfg = {"inference_settings": [entry], "dataset_settings": st, "save_path": str(tmp_path / "hf")}
+    hf = run_inference(cfg, "chat")
+    run_vllm(py, cfg, tmp_path)
+    rows = lambda d, n: {x["id"]: x for x in map(json.loads, (d / n).read_text().splitlines())}
+    for g in (0, 1):
+        want, got = rows(hf, f"chat_m0_g{g}.jsonl"), rows(tmp_path / "vllm", f"chat_m0_g{g}.jsonl")
+        assert sorted(got) == sorted(want) and len(want) == 6
+        for k, h in want.items():
+            v, h = got[k]["answers"][0], h["answers"][0]
+            assert v["answer_token_ids"] == h["answer_token_ids"] and v["content"] == h["content"], (g, k, v, h)
+    assert any(len(h["answers"][0]["answer_token_ids"]) < 16 for h in rows(hf, "chat_m0_g1.jsonl").values()), "no stop string was hit"

@@ -123,3 +123,32 @@ def test_build_is_atomic_and_cached(tmp_path, monkeypatch):
     assert (p / "card.json").exists()
     mtime = (p / "card.json").stat().st_mtime
     assert zoo.get("chat") == p and (p / "card.json").stat().st_mtime == mtime  # second call: no rebuild
+
+
+def test_sentencepiece_and_wordpiece_families():
+    """tiny-llama-sp: a Llama-2 / Mistral style tokenizer (transformers 5's build) and a causal LM that generates on it;
+    tiny-wordpiece: a BERT-style tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, AutoModelForCausalLM
+    p = zoo.get("tiny-llama-sp")
+    sp, m = AutoTokenizer.from_pretrained(p), AutoModelForCausalLM.from_pretrained(p)
+    be = json.loads(sp.backend_tokenizer.to_str())
+    assert be["pre_tokenizer"]["type"] == "Metaspace" and be["pre_tokenizer"]["prepend_scheme"] == "first" and be["model"]["byte_fallback"]
+    assert sp("hi")["input_ids"][0] == sp.bos_token_id and sp.pad_token_id not in (None, sp.eos_token_id)
+    assert sp.unk_token_id not in sp("日本 é", add_special_tokens=False)["input_ids"]  # byte fallback, never <unk>
+    assert sp.decode(sp("Tell me  about é 日本")["input_ids"], skip_special_tokens=True) == "Tell me  about é 日本"
+    assert m.config.vocab_size == len(sp) and m.config.eos_token_id == sp.eos_token_id
+    ids = sp.apply_chat_template([{"role": "user", "content": "Tell me about the red fox."}], add_generation_prompt=True, return_tensors="pt")
+    out = m.generate(**ids, max_new_tokens=30, do_sample=False)
+    words = re.findall(r"[a-z]+", sp.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).lower())
+    assert len(words) >= 3 and sum(w in corpus.NOUNS + corpus.ADJS + ["the", "is", "a", "of"] for w in words) >= len(words) / 3, words
+    wp = AutoTokenizer.from_pretrained(zoo.get("tiny-wordpiece"))
+    assert wp.convert_ids_to_tokens(wp("The dog")["input_ids"]) == ["[CLS]", "the", "dog", "[SEP]"]
+    assert wp.bos_token is None and wp.cls_token == "[CLS]" and wp.pad_token == "[PAD]" and wp.mask_token == "[MASK]"
+
+
+def test_the_new_tokenizer_families_train_deterministically():
+    lines = corpus.corpus(n_lines=1500, layout=corpus.bracket_text)
+    for train in (zoo.train_sp_tokenizer, zoo.train_wordpiece_tokenizer):
+        a, b = train(lines, 700), train(lines, 700)
+        assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and len(a) == 700, train.__name__
