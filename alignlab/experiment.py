@@ -16,7 +16,7 @@ from .train import TrainerSettings, ClassificationLossSettings
 from .cherry_pick_settings import CherryPickSettings
 from .recipes import recipe
 from .run import ExperimentSettings, train
-from .plan import Plan, count_parameters, schedule, _preference_rows
+from .plan import Plan, count_parameters, schedule, _parameters, _preference_rows
 from .templates import ChatTemplate
 
 # %% ../nbs/11_experiment.ipynb #6ca5d67e
@@ -356,12 +356,7 @@ class _Plan(_ReferenceChain):
         tok = self._tokenizer(s)
         train, val = self._datasets(s, tok)
         ms = s.model_settings
-        n_new = len(ms.embeddings_initialization_strategy or {})
-        counts = None
-        try:
-            counts = trainable, total = count_parameters(ms, n_new)
-            params = f"{trainable:,} trainable of {total:,} ({100 * trainable / max(1, total):.2f}%)"
-        except Exception as e: params = f"not counted ({type(e).__name__}: {e})".splitlines()[0]
+        counts, params = _parameters(ms)
         n_rows = len(train)
         notes = []
         if s.packing:

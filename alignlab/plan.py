@@ -34,6 +34,15 @@ def count_parameters(ms:ModelSettings, # the model settings (its config is read;
     n = sum(p.numel() for p in model.parameters())
     return n, n
 
+# %% ../nbs/10a_plan.ipynb #e033fdc8
+def _parameters(ms:ModelSettings, # the model settings (its new tokens counted)
+               ) -> tuple:
+    "((trainable, total) or None, the plan's `parameters` line) for `model_settings`; a model that cannot be counted says why."
+    try:
+        trainable, total = count_parameters(ms, len(ms.embeddings_initialization_strategy or {}))
+        return (trainable, total), f"{trainable:,} trainable of {total:,} ({100 * trainable / max(1, total):.2f}%)"
+    except Exception as e: return None, f"not counted ({type(e).__name__}: {e})".splitlines()[0]
+
 # %% ../nbs/10a_plan.ipynb #96f3b011
 def schedule(ts:TrainerSettings, # the trainer settings (batch size, accumulation, epochs or max_steps, warmup, ...)
              n_rows:int, # training rows per epoch (samples, or packed rows)

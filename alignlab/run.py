@@ -19,7 +19,7 @@ from .train import TrainerSettings, ClassificationLossSettings, _has_accelerator
 from .checkpoints import check_run_dir
 from .recipes import Recipe, RECIPES, recipe
 
-# %% ../nbs/10_run.ipynb #558298e2
+# %% ../nbs/10_run.ipynb #38e353e5
 def _recipe_of(data:dict):
     "The recipe raw settings `data` name (training dataset_type and model_type), or None where they do not name one yet."
     tds, ms = data.get("train_dataset_settings"), data.get("model_settings")
@@ -27,10 +27,12 @@ def _recipe_of(data:dict):
     mt = ms.get("model_type", "causal") if isinstance(ms, dict) else getattr(ms, "model_type", None)
     return next((r for r in RECIPES if r.dataset_type == kind and r.model_type == mt), None)
 
-def _in_trainer_settings(msg:str) -> str:
-    "A trainer-settings error's message, its field under `trainer_settings.`."
-    return msg if msg.startswith("trainer_settings") else f"trainer_settings.{msg}"
+def _whole(r:Recipe, ts:dict):
+    "`trainer_settings` `ts` read whole by recipe `r`'s class (DPO's, KTO's: `loss_settings` included); errors name `trainer_settings.<field>`."
+    try: return load_settings(r.trainer_settings, ts)
+    except SettingsError as e: raise SettingsError(str(e) if str(e).startswith("trainer_settings") else f"trainer_settings.{e}") from None
 
+# %% ../nbs/10_run.ipynb #558298e2
 class ExperimentSettings(Settings):
     "The guide's train settings (`train_sft`, `train_classification`, `train_rm`, `train_dpo`, `train_kto`)."
     log_path: str = "train_output"
@@ -50,13 +52,11 @@ class ExperimentSettings(Settings):
     @model_validator(mode="before")
     @classmethod
     def _loss_in_trainer(cls, data):
-        if not isinstance(data, dict) or not isinstance(data.get("trainer_settings"), dict): return data
-        r = _recipe_of(data)
-        if r is not None and r.whole_trainer_settings:  # DPO, KTO: their own trainer_settings class reads the section, loss_settings included
-            try: return {**data, "trainer_settings": load_settings(r.trainer_settings, data["trainer_settings"])}
-            except SettingsError as e: raise SettingsError(_in_trainer_settings(str(e))) from None
-        if "loss_settings" in data["trainer_settings"]:  # turbo keeps the focal-loss settings inside trainer_settings; read from there too
-            ts = dict(data["trainer_settings"]); data = {**data, "trainer_settings": ts, "loss_settings": ts.pop("loss_settings")}
+        ts = data.get("trainer_settings", {}) if isinstance(data, dict) else None
+        if not isinstance(ts, dict): return data
+        if (r := _recipe_of(data)) is not None and r.whole_trainer_settings: return {**data, "trainer_settings": _whole(r, ts)}  # DPO, KTO
+        if "loss_settings" in ts:  # turbo keeps the focal-loss settings inside trainer_settings; read from there too
+            ts = dict(ts); data = {**data, "trainer_settings": ts, "loss_settings": ts.pop("loss_settings")}
         return data
 
     @model_validator(mode="after")
@@ -65,8 +65,6 @@ class ExperimentSettings(Settings):
         r = recipe(dataset_type=kind, model_type=self.model_settings.model_type, where="train_dataset_settings.dataset_type")
         if self.val_dataset_settings and self.val_dataset_settings.dataset_type != kind:
             raise SettingsError(f"val_dataset_settings.dataset_type: {self.val_dataset_settings.dataset_type!r}, but the training data is {kind!r}; expected the same")
-        if not isinstance(self.trainer_settings, r.trainer_settings) and r.whole_trainer_settings:  # built in Python, not read from JSON
-            self.__dict__["trainer_settings"] = load_settings(r.trainer_settings, self.trainer_settings.model_dump(exclude_unset=True))
         n = self.model_settings.model_kwargs.get("num_labels")
         if n is not None and not r.labels_fit(n):
             raise SettingsError(f"model_settings.num_labels: {n}, but {r.name} ({r.what}) needs {r.labels_wanted}; expected {r.num_labels[0]}")
