@@ -86,10 +86,15 @@ class RewardTrainer(AlignTrainer):
 # %% ../nbs/08e_trainers.ipynb #d9e08eca
 class _PreferenceLogs:
     "Per-answer values kept between logs: the train values since the last log, the eval values of the running evaluation."
-    def _keep(self, model, **values):
+    def _keep(self, model, per_row=True, **values):
+        "Keep a batch's values (per pair or record; `per_row=False`: one per batch), gathered from every process."
         bucket = self.__dict__.setdefault("_alignlab_kept", {"train": {}, "eval": {}})["train" if model.training else "eval"]
+        acc = getattr(self, "accelerator", None)
         for k, v in values.items():
-            if v is not None: bucket.setdefault(k, []).append(v.detach().float().cpu())
+            if v is None: continue
+            if acc is not None and acc.num_processes > 1:  # every rank calls this alike; eval drops the padded tail's duplicates
+                v = acc.gather_for_metrics(v) if per_row and not model.training else acc.gather(v)
+            bucket.setdefault(k, []).append(v.detach().float().cpu())
     def _take(self, which:str) -> dict:
         "The values kept for `which` ('train' or 'eval'), concatenated, and forgotten."
         kept = self.__dict__.setdefault("_alignlab_kept", {"train": {}, "eval": {}})
@@ -175,7 +180,8 @@ class KTOTrainer(_PreferenceLogs, AlignTrainer):
         p, p_kl = lp[:n], lp[n:].detach()  # the KL estimate carries no gradient (turbo, TRL)
         r, r_kl = (moved[:n], moved[n:]) if moved is not None else _need(inputs, ("ref_logps", "ref_kl"), self.alignlab_reference)
         out = kto_loss(self.alignlab_loss, p, r, inputs["desirable"], p_kl, r_kl)
-        self._keep(model, p=p, losses=out.losses, rewards=out.rewards, desirable=out.desirable.float(), kl=out.kl.reshape(1))
+        self._keep(model, p=p, losses=out.losses, rewards=out.rewards, desirable=out.desirable.float())
+        self._keep(model, per_row=False, kl=out.kl.reshape(1))
         loss = out.losses.mean()
         return (loss, {"logps": p}) if return_outputs else loss
     def _metrics(self, v:dict) -> dict:
