@@ -43,6 +43,9 @@ TAKEN_BY = {
     "CherryPickSettings": "cherry_pick_settings.CherryPickSettings", "GenerationSettings": "cherry_pick_settings.CherryPickSettings",
     "ChatCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "RMCherryPickSettings": "cherry_pick_settings.CherryPickSettings",
     "ClassificationCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "MetricSettings": "cherry_pick_settings.MetricSettings",
+    **{c: f"preference_losses.{c}" for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings "
+       "IPOLossSettings CPOLossSettings SlicHfLossSettings SimPOLossSettings ORPOLossSettings ASFTLossSettings APOZeroLossSettings "
+       "APODownLossSettings DPOPLossSettings NCAPairLossSettings CALDPOLossSettings SyncRefModelSettings").split()},
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
@@ -51,10 +54,7 @@ _RAG, _MM = "not built yet: the RAG pipelines arrive with their recipe", "not bu
 _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
-    **{c: _PREF for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings IPOLossSettings "
-                          "CPOLossSettings SlicHfLossSettings SimPOLossSettings ORPOLossSettings ASFTLossSettings APOZeroLossSettings "
-                          "APODownLossSettings DPOPLossSettings NCAPairLossSettings CALDPOLossSettings SyncRefModelSettings DPOTrainerSettings "
-                          "DPOTrainExperimentSettings KTOTrainerSettings KTOTrainExperimentSettings DDPOTrainExperimentSettings "
+    **{c: _PREF for c in ("DPOTrainerSettings DPOTrainExperimentSettings KTOTrainerSettings KTOTrainExperimentSettings DDPOTrainExperimentSettings "
                           "DDPODatasetSettings KTODatasetSettings BaseSamplingSettings RandomSamplingSettings BaseSamplingWithRMSettings "
                           "SamplingWithRMSettings RSOSamplingSettings").split()},
     **{c: _RAG for c in "RAGTrainExperimentSettings RAGIndexSettings RAGRetrievalSettings RAGPreTrainedModelSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
@@ -75,7 +75,8 @@ NOT_TAKEN = {
 # %% ../nbs/16_turbo.ipynb #4c8dbd85
 # turbo enums: the alignlab field whose values they are (None: the enum belongs to a class in NOT_TAKEN)
 ENUMS = {"DatasetType": ("data.DatasetSettings", "dataset_type"), "ModelType": ("models.ModelSettings", "model_type"),
-         "MetricType": ("cherry_pick_settings.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None, "DPOLossesType": None,
+         "MetricType": ("cherry_pick_settings.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None,
+         "DPOLossesType": ("preference_losses.DPOLossSettings", "loss_type"),
          "ModalityEncoderType": None, "Modality": None, "ModalityReader": None, "ModalityProjectorType": None}
 
 # %% ../nbs/16_turbo.ipynb #606bb356
