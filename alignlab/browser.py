@@ -40,7 +40,7 @@ def serve_panel(app:str, # a Panel app file, or its source code (written to a te
                ):
     "Run `panel serve` on the app file (or app source code) `app` on 127.0.0.1; yields the app's URL."
     tmp = None
-    if not Path(app).exists() or "\n" in app:
+    if "\n" in app or not Path(app).exists():  # source first: a long source is no valid path (OSError: name too long)
         tmp = tempfile.TemporaryDirectory(); p = Path(tmp.name)/"app.py"; p.write_text(app); app = str(p)
     port = free_port()
     cmd = [sys.executable, "-m", "panel", "serve", app, "--address", "127.0.0.1", "--port", str(port),

@@ -13,6 +13,7 @@ import numpy as np
 from .settings import SettingsError
 from .templates import IGNORE_INDEX, special_edges, encode, Sample
 from .encoding import TokenStore, encode_chats, _seed
+from .seams import SeamReport, find_seams, seam_lines
 from .data import Records, read_records
 
 # %% ../nbs/03a_datasets.ipynb #7614b09c
@@ -27,10 +28,13 @@ class DatasetReport:
                  notes, # what the build did that changes the data (sampling, options ignored)
                  training=True, # a training set (False: prompts, classification or sampling inputs)
                  first_at=None, # drop reason -> `file:line` of its first record (None: not known)
+                 tokenizer:str=None, # `models.tokenizer_line`: the tokenizer class loaded, and whether `use_fast` was honoured
+                 seams=None, # the seam doctor's `seams.SeamReport` (None: not checked: not a training set)
                 ):
         self.name, self.status, self.lengths, self.n_tokens, self.n_loss = name, status, lengths, n_tokens, n_loss
         self.warnings, self.notes, self.training = warnings, notes, training
         self.first_at = first_at or {}  # drop reason -> where its first record is (file:line)
+        self.tokenizer, self.seams = tokenizer, seams
         c = Counter(status)
         self.kept, self.truncated = c.pop("ok", 0) + c.get("truncated", 0), c.pop("truncated", 0)
         self.dropped = c  # reason -> count
@@ -41,6 +45,7 @@ class DatasetReport:
     def __repr__(self):
         s = (f"{self.name}: {len(self.status)} records: {self.kept} kept ({self.truncated} truncated), {self.n_dropped} dropped; "
              f"{self.n_tokens} tokens, {self.loss_share:.1%} carry loss")
+        if self.tokenizer: s += f"\n  {self.tokenizer}"
         for line in self.drop_lines(): s += f"\n  {line}"
         for w in self.warnings: s += f"\n  warning: {w}"
         return s
@@ -57,7 +62,7 @@ class DatasetReport:
         buf = io.BytesIO(); fig.savefig(buf, format="png"); plt.close(fig)
         return buf.getvalue()
     def _repr_html_(self):
-        rows = [("records", len(self.status)), ("kept", self.kept), ("of which truncated", self.truncated), ("dropped", self.n_dropped)]
+        rows = ([("tokenizer", html.escape(self.tokenizer.removeprefix("tokenizer: ")))] if self.tokenizer else []) + [("records", len(self.status)), ("kept", self.kept), ("of which truncated", self.truncated), ("dropped", self.n_dropped)]
         rows += [(f"&nbsp;&nbsp;dropped: {html.escape(r)}" + (f" (first at {html.escape(str(self.first_at[r]))})" if r in self.first_at else ""), k)
                  for r, k in self.dropped.most_common()]
         rows += [("tokens", self.n_tokens), ("tokens carrying loss", f"{self.n_loss} ({self.loss_share:.1%})")]
@@ -70,8 +75,8 @@ class DatasetReport:
                 + f"<div>warnings:<ul>{warn}</ul></div>" + (f"<div>notes:<ul>{notes}</ul></div>" if notes else "") + "</div>")
 
 # %% ../nbs/03a_datasets.ipynb #81edf318
-def _doctor(tokenizer, tpl, store, status, training, texts_start_with_bos, per_piece, first_at=None) -> list:
-    "Warnings for the classic silent failures."
+def _doctor(tokenizer, tpl, store, status, training, texts_start_with_bos, per_piece, first_at=None, seams=()) -> list:
+    "Warnings for the classic silent failures; `seams`: the seam doctor's lines (`seams.seam_lines`), kept last."
     w = []
     if training and store.n_tokens():
         no_loss = sum(1 for s in status if s == "no token carries loss")
@@ -89,7 +94,7 @@ def _doctor(tokenizer, tpl, store, status, training, texts_start_with_bos, per_p
     missing = Counter(s for s in status if s and "role_tag_mapping" in s)
     for r, k in missing.items(): w.append(f"{k} of {len(status)} records dropped: {r}" + (f" (first at {first_at[r]})" if r in (first_at or {}) else ""))
     if per_piece: w.append("slow tokenizer: tokenized per piece (prefix, content, suffix); ids may differ from what a fast tokenizer serves")
-    return w
+    return w + list(seams)
 
 # %% ../nbs/03a_datasets.ipynb #e0e13929
 class ChatDataset:
@@ -256,7 +261,12 @@ def _first_at(status, wheres) -> dict:
         if s not in ("ok", "truncated"): out.setdefault(s, w)
     return out
 
-def _sampling_dataset(records, enc, opts, tpl, tokenizer, name, notes, wheres, per_piece):
+def _seam_report(tpl, tokenizer, sides, o, eos, status) -> SeamReport:
+    "The seam doctor (`seams.find_seams`) over each `(chats, store, kept, token_ends)` side of a training build, as one report."
+    return sum((find_seams(tpl, tokenizer, c, s, k, te, o["only_answer_loss"], o["only_last_replica_loss"], int(eos is not None), status)
+                for c, s, k, te in sides), SeamReport())
+
+def _sampling_dataset(records, enc, opts, tpl, tokenizer, name, notes, wheres, per_piece, tok_line=None):
     "`build_dataset`'s sampling data: one chat per answer; a record's status is its first failing answer's."
     chats, owners = [], []
     for r in records:
@@ -268,8 +278,18 @@ def _sampling_dataset(records, enc, opts, tpl, tokenizer, name, notes, wheres, p
     ds = SamplingDataset(records, store, owners, status, None, tpl, tokenizer, o)
     fa = _first_at(status, wheres)
     ds.report = DatasetReport(name, status, store.lengths, store.n_tokens(), store.n_loss(), _doctor(tokenizer, tpl, store, status, False, False, per_piece, fa),
-                              notes, False, fa)
+                              notes, False, fa, tok_line)
     return ds
+
+def _kto_dataset(records, enc, opts, seed, tpl, tokenizer, eos, report):
+    "`build_dataset`'s kto data: each record's chat and its KL chat (keep_end, no loss on the context); a record whose KL chat is dropped is dropped."
+    o, kl_of = {**opts, "keep_end": True, "inference": False}, kl_answers(len(records), seed)
+    ck, tk = [_kto_chat(r) for r in records], []
+    s, kk, st_a = enc(ck, token_ends=tk, **o)
+    skl, _, st_kl = enc([_kto_chat(r, records[int(j)]) for r, j in zip(records, kl_of)], **o)
+    status = [a if a not in ("ok", "truncated") else (f"KL chat: {b}" if b not in ("ok", "truncated") else a) for a, b in zip(st_a, st_kl)]
+    sr = _seam_report(tpl, tokenizer, [(ck, s, kk, tk)], o, eos, status)
+    return KTODataset(records, s, skl, kl_of, status, report(status, [s], False, sr), tpl, tokenizer, o)
 
 # %% ../nbs/03a_datasets.ipynb #7f66b44f
 def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings` dict, or a JSON path
@@ -279,6 +299,7 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
                   records:Records=None, # what `read_records(settings, inference, name)` returned (read before the model loaded); None: read here
                  ):
     "Read every source of `settings` (a `DatasetSettings`, dict or JSON path) and tokenize by its `dataset_type`."
+    from alignlab.models import tokenizer_line  # the plan's tokenizer line: a plain function (no model code is loaded)
     if records is None: records = read_records(settings, inference, name)
     st, notes, wheres, name = records.settings, list(records.notes), records.wheres, records.name
     tpl = st.prompt_template.template
@@ -294,37 +315,39 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
     def done(ds): ds.extra_eos = None if ds.options.get("inference") else eos; return ds
     bos = tokenizer.bos_token if special_edges(tokenizer)[0] else None
     training = not inference and kind in ("chat", "pair_preferences", "kto")
-    per_piece = not getattr(tokenizer, "is_fast", False)
-    def report(status, stores, n_bos):
+    per_piece, tok_line = not getattr(tokenizer, "is_fast", False), tokenizer_line(tokenizer)
+    def report(status, stores, n_bos, seams=None):
         stores = [s for s in stores]
         kept = [i for i, s in enumerate(status) if s in ("ok", "truncated")]
         lengths = np.concatenate([s.lengths[kept] for s in stores[:1]]) if kept else np.zeros(0, np.int64)
         nt = sum(s.n_tokens() for s in stores); nl = sum(s.n_loss() for s in stores)
         fa = _first_at(status, wheres)
-        return DatasetReport(name, status, lengths, nt, nl, _doctor(tokenizer, tpl, stores[0], status, training, n_bos, per_piece, fa), notes, training, fa)
+        lines = seam_lines(seams, tokenizer, tpl, lambda i: f"{records[i].get('id', i)} ({wheres[i]})") if seams else []
+        return DatasetReport(name, status, lengths, nt, nl, _doctor(tokenizer, tpl, stores[0], status, training, n_bos, per_piece, fa, lines),
+                             notes, training, fa, tok_line, seams)
     if kind == "chat":
         chats = [r["messages"] for r in records]
         rc = st.random_cut and inference
         seeds = [_seed(st.seed, r["id"]) for r in records] if rc else None
-        store, kept, status = enc(chats, random_cut=rc, seeds=seeds, **opts)
+        te = [] if training else None  # token boundaries, for the seam doctor
+        store, kept, status = enc(chats, random_cut=rc, seeds=seeds, token_ends=te, **opts)
         n_bos = bool(bos) and tpl.prefix_template.startswith(bos)
-        return done(ChatDataset(records, store, kept, status, report(status, [store], n_bos), tpl, tokenizer, {**opts, "random_cut": rc, "seed": st.seed}))
+        sr = _seam_report(tpl, tokenizer, [(chats, store, kept, te)], opts, eos, status) if training else None
+        return done(ChatDataset(records, store, kept, status, report(status, [store], n_bos, sr), tpl, tokenizer, {**opts, "random_cut": rc, "seed": st.seed}))
     if kind == "pair_preferences":
         o = {**opts, "keep_end": True, "inference": False}
-        sw, _, stw = enc([_pair_chat(r, "w") for r in records], **o)
-        sl, _, stl = enc([_pair_chat(r, "l") for r in records], **o)
+        cw, cl, tw, tl = [_pair_chat(r, "w") for r in records], [_pair_chat(r, "l") for r in records], [], []
+        sw, kw, stw = enc(cw, token_ends=tw, **o)
+        sl, kl, stl = enc(cl, token_ends=tl, **o)
         status = [a if a not in ("ok", "truncated") else (b if b not in ("ok", "truncated") else ("truncated" if "truncated" in (a, b) else "ok"))
                   for a, b in zip(stw, stl)]
-        return done(PairPreferenceDataset(records, sw, sl, status, report(status, [sw, sl], False), tpl, tokenizer, o))
+        sr = _seam_report(tpl, tokenizer, [(cw, sw, kw, tw), (cl, sl, kl, tl)], o, eos, status)
+        return done(PairPreferenceDataset(records, sw, sl, status, report(status, [sw, sl], False, sr), tpl, tokenizer, o))
     if kind == "kto":  # as pairs: keep_end, the context carries no loss; the KL chats borrow another record's answer
-        o, kl_of = {**opts, "keep_end": True, "inference": False}, kl_answers(len(records), st.seed)
-        s, _, st_a = enc([_kto_chat(r) for r in records], **o)
-        skl, _, st_kl = enc([_kto_chat(r, records[int(j)]) for r, j in zip(records, kl_of)], **o)
-        status = [a if a not in ("ok", "truncated") else (f"KL chat: {b}" if b not in ("ok", "truncated") else a) for a, b in zip(st_a, st_kl)]
-        return done(KTODataset(records, s, skl, kl_of, status, report(status, [s], False), tpl, tokenizer, o))
+        return done(_kto_dataset(records, enc, opts, st.seed, tpl, tokenizer, eos, report))
     if kind == "classification":
         o = {**opts, "only_answer_loss": False, "inference": False, "ends_on_bot": False}
         store, kept, status = enc([r["messages"] for r in records], **o)
         return done(ClassificationDataset(records, store, kept, status, report(status, [store], False), tpl, tokenizer, o))
     # sampling: one chat per answer
-    return done(_sampling_dataset(records, enc, opts, tpl, tokenizer, name, notes, wheres, per_piece))
+    return done(_sampling_dataset(records, enc, opts, tpl, tokenizer, name, notes, wheres, per_piece, tok_line))

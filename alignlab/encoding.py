@@ -66,19 +66,20 @@ def _tokenize_masked(backend, # a fast tokenizer's `backend_tokenizer`
                      texts:list, # the rendered chats
                      ivs:list, # per text, its trained character intervals `(start, end)`
                     ):
-    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss)`: all token ids, their loss mask, and per text its token and loss-token counts."
+    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss, ends)`: all token ids, their loss mask, per text its token and loss-token counts, and each token's end offset in its text."
     encs = backend.encode_batch(texts)
     tl = np.fromiter(map(len, encs), np.int64, len(encs)); total = int(tl.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
     off = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encs)), np.int64, 2 * total).reshape(-1, 2)
     # one global character axis: text k starts at base[k]
     tlen = np.fromiter(map(len, texts), np.int64, len(texts)); base = np.concatenate([[0], np.cumsum(tlen)[:-1]])
+    ends = off[:, 1].astype(np.int32)  # each token's end in its own text (the seam doctor's token boundaries)
     off += np.repeat(base, tl)[:, None]
     giv = [(a + b0, b + b0) for iv, b0 in zip(ivs, base.tolist()) for a, b in iv]
     mask = overlap_mask(off, giv).astype(np.uint8)
     tstart = np.concatenate([[0], np.cumsum(tl)])
     nloss = np.add.reduceat(mask, tstart[:-1]) if total else np.zeros(len(tl), np.int64)
-    return ids, mask, tl, np.where(tl > 0, nloss, 0)
+    return ids, mask, tl, np.where(tl > 0, nloss, 0), ends
 
 
 # %% ../nbs/02a_encoding.ipynb #cd83869f
@@ -88,28 +89,26 @@ def _encode_by_rule(tpl:ChatTemplate, # the prompt template
                     seed:int, # the seed of its random cut
                     **kw, # `encode`'s other options (limit, loss rules, inference, ...)
                    ):
-    "Step 4, one chat through `encode`: `(ids, mask, status, kept)`, or `(None, None, reason, None)` when it is dropped."
+    "Step 4, one chat through `encode`: `(ids, mask, status, kept, ends)` (`ends`: each token's end offset), or `(None, None, reason, None, None)` when it is dropped."
     try:
         s = encode(tpl, tokenizer, chat, seed=seed, **kw)
         return (np.asarray(s.input_ids, np.int32), np.asarray([l != IGNORE_INDEX for l in s.labels], np.uint8),
-                "truncated" if s.truncated else "ok", s.kept)
-    except (TruncationError, KeyError, ValueError) as e: return None, None, str(e.args[0]) if e.args else str(e), None
+                "truncated" if s.truncated else "ok", s.kept, np.asarray([b for a, b in s.offsets], np.int32))
+    except (TruncationError, KeyError, ValueError) as e: return None, None, str(e.args[0]) if e.args else str(e), None, None
 
 
 # %% ../nbs/02a_encoding.ipynb #e8bef6b1
 def _splice(idx, # the chunk's chat indices
             lens, # `lens[k]`: the token count of chat `idx[k]`
-            extra:dict, # chat index -> `(ids, mask)` of the chats encoded one at a time
-            ids, # the batched chats' token ids, in chunk order
-            mask, # their loss mask
+            extra:dict, # chat index -> `(ids, mask, ...)` of the chats encoded one at a time, one array per array of `arrays`
+            *arrays, # the batched chats' per-token arrays, in chunk order: token ids, their loss mask (and their end offsets)
            ):
-    "The chunk's `(ids, mask)` in chat order: the batched tokens, with each chat of `extra` put in its place."
+    "The chunk's per-token `arrays` in chat order: the batched tokens, with each chat of `extra` put in its place."
     gptr = np.concatenate([[0], np.cumsum([lens[k] if i not in extra else 0 for k, i in enumerate(idx)])])
-    ids_parts, mask_parts = [], []
+    parts = [[] for _ in arrays]
     for k, i in enumerate(idx):
-        if i in extra: ids_parts.append(extra[i][0]); mask_parts.append(extra[i][1])
-        else: ids_parts.append(ids[gptr[k]:gptr[k + 1]]); mask_parts.append(mask[gptr[k]:gptr[k + 1]])
-    return np.concatenate(ids_parts) if ids_parts else ids, np.concatenate(mask_parts) if mask_parts else mask
+        for a, (p, arr) in enumerate(zip(parts, arrays)): p.append(extra[i][a] if i in extra else arr[gptr[k]:gptr[k + 1]])
+    return tuple(np.concatenate(p) if p else arr for p, arr in zip(parts, arrays))
 
 
 # %% ../nbs/02a_encoding.ipynb #1de9ea66
@@ -125,6 +124,7 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
                  random_cut:bool=False, # inference only: prompt at a random allowed turn, seeded per chat by `seeds`
                  seeds:list=None, # per chat, the seed of its random cut (None: 0 for all)
                  chunk_size:int=256, # chats per tokenizer batch (and per store chunk)
+                 token_ends:list=None, # a list to fill: per store chunk, each token's end offset in its chat's text (the seam doctor's token boundaries)
                 ):
     "Encode many chats; returns `(store, kept, status)`: store row i is chat i (empty if dropped), `status[i]` is 'ok', 'truncated' or the drop reason."
     n = len(chats); fast = bool(getattr(tokenizer, "is_fast", False))
@@ -149,9 +149,9 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
             if not fast or back or (bos_text and text.startswith(bos_text)): slow.append(i); continue
             texts.append(text); fast_i.append(i); ivs.append(iv); kept[i] = (0, hi)
         lens = np.zeros(len(idx), np.int64)
-        ids = mask = np.zeros(0)
+        ids = mask = tend = np.zeros(0, np.int32)
         if texts:
-            ids, mask, tl, nloss = _tokenize_masked(backend, texts, ivs)
+            ids, mask, tl, nloss, tend = _tokenize_masked(backend, texts, ivs)
             bad = (tl > max_tokens_count) if max_tokens_count is not None else np.zeros(len(tl), bool)
             if not inference and ends_on_bot: bad |= nloss == 0
             for k in np.flatnonzero(bad).tolist(): slow.append(fast_i[k])
@@ -159,15 +159,16 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
             for k, i in enumerate(fast_i):
                 if good[k]: status[i] = "ok" if kept[i, 1] == len(chats[i]) else "truncated"; lens[i - c0] = tl[k]
             if bad.any():
-                keep_tok = np.repeat(good, tl); ids, mask = ids[keep_tok], mask[keep_tok]
+                keep_tok = np.repeat(good, tl); ids, mask, tend = ids[keep_tok], mask[keep_tok], tend[keep_tok]
         if slow:  # one at a time, by the rule; then splice into chunk order
             extra = {}
             for i in sorted(slow):
-                e_ids, e_mask, status[i], e_kept = _encode_by_rule(tpl, tokenizer, chats[i], seeds[i] if seeds else 0, **kw)
-                if e_ids is not None: extra[i] = (e_ids, e_mask); kept[i] = e_kept; lens[i - c0] = len(e_ids)
-            ids, mask = _splice(idx, lens, extra, ids, mask)
+                e_ids, e_mask, status[i], e_kept, e_ends = _encode_by_rule(tpl, tokenizer, chats[i], seeds[i] if seeds else 0, **kw)
+                if e_ids is not None: extra[i] = (e_ids, e_mask, e_ends); kept[i] = e_kept; lens[i - c0] = len(e_ids)
+            ids, mask, tend = _splice(idx, lens, extra, ids, mask, tend)
         for i in idx:
             if status[i] not in ("ok", "truncated"): lens[i - c0] = 0; kept[i] = (0, 0)
         store.add(ids, mask, lens)
+        if token_ends is not None: token_ends.append(tend)
     return store, kept, status
 

@@ -272,10 +272,11 @@ def _visible(tok_text:str) -> str:
 
 def sample_html(s:Sample, # the tokenized sample to show
                 title:str=None, # a bold heading above it; None: none
+                marks:dict=None, # token index -> why it is marked (`seams.seam_marks`: a red outline, the reason on hover); None: none
                ) -> str:
     "A self-contained HTML view of a tokenized sample and its loss mask."
     owner = _token_spans(s.offsets, s.spans)
-    parts = []
+    parts, marks = [], marks or {}
     if s.kept[0] > 0: parts.append(f'<span class="cut" title="messages before {s.kept[0]} were cut" style="border-left:3px solid #c62828;padding-left:2px;color:#c62828">✂ {s.kept[0]} cut</span>')
     for i, (t, tid, lab, k) in enumerate(zip(s.tokens, s.input_ids, s.labels, owner)):
         role = s.spans[k].role if k is not None else None
@@ -283,14 +284,16 @@ def sample_html(s:Sample, # the tokenized sample to show
         text = _visible(t) if t else ""
         style = f"background:{ROLE_COLORS.get(role, '#eeeeee')};" + ("font-weight:bold;text-decoration:underline;color:#1b5e20;" if loss else "color:#555;")
         tip = f"#{i} id={tid} label={lab if loss else 'ignored'} role={role}"
-        parts.append(f'<span class="tok{" loss" if loss else ""}" title="{html.escape(tip)}" style="{style}padding:1px 2px;margin:1px;border-radius:3px;white-space:pre-wrap">{html.escape(text)}</span>')
+        if i in marks: style += "outline:2px solid #d50000;"; tip += f" | {marks[i]}"
+        cls = "tok" + (" loss" if loss else "") + (" seam" if i in marks else "")
+        parts.append(f'<span class="{cls}" title="{html.escape(tip)}" style="{style}padding:1px 2px;margin:1px;border-radius:3px;white-space:pre-wrap">{html.escape(text)}</span>')
     if s.kept[1] < s.n_messages:
         parts.append(f'<span class="cut" title="messages from {s.kept[1]} on were cut" style="border-right:3px solid #c62828;padding-right:2px;color:#c62828">✂ {s.n_messages - s.kept[1]} cut</span>')
     n_loss = s.n_loss
     head = (f"<b>{html.escape(title)}</b><br>" if title else "") + (
         f'<span class="summary">{len(s.input_ids)} tokens, {n_loss} carry loss; messages kept {s.kept[0]}:{s.kept[1]} of {s.n_messages}'
         + (" (truncated)" if s.truncated else "") + (" (inference prompt)" if s.inference else "")
-        + (" (slow tokenizer: per piece)" if s.per_piece else "") + "</span>")
+        + (" (slow tokenizer: per piece)" if s.per_piece else "") + (f"; {len(marks)} seam tokens (red outline)" if marks else "") + "</span>")
     legend = " ".join(f'<span style="background:{c};padding:1px 4px">{r}</span>' for r, c in ROLE_COLORS.items() if r)
     return (f'<div class="alignlab-sample" style="font-family:monospace;font-size:13px;line-height:1.9">'
             f'<div>{head}</div><div>roles: {legend} · <b><u>bold underlined</u></b> = carries loss</div>'

@@ -54,3 +54,34 @@ def test_static_export_renders_offline(page, tok, tmp_path):
     assert 'src="https://cdn.bokeh.org' not in text and 'src="https://cdn.holoviz.org' not in text
     page.goto(p.as_uri())
     expect(page.locator(".summary")).to_contain_text("carry loss", timeout=30000)
+
+
+SEAM_APP = """
+from transformers import AutoTokenizer
+from alignlab import zoo
+from alignlab.inspect.tokens import token_inspector
+from alignlab.templates import ChatTemplate
+tok = AutoTokenizer.from_pretrained(zoo.get("tiny-llama"))
+plain = ChatTemplate({"system": "system", "user": "user", "bot": "bot"}, "[{role}] ", "\\n")  # plain tags, a trailing space
+recs = [{"id": "hello", "messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello there."}]}]
+token_inspector(recs, tok, template=plain).servable()
+"""
+
+
+def test_inspector_marks_seam_tokens_in_chromium(serve_app, page, tiny_llama):
+    """The seam is marked on the token: a red outline and the reason on hover, in the training sample and in the served prompt."""
+    from playwright.sync_api import expect
+    page.goto(serve_app(SEAM_APP))
+    summary = page.locator(".summary")
+    before = text_when(summary, lambda s: "1 seam tokens" in s)
+    seam = page.locator(".tok.seam")
+    expect(seam).to_have_count(1)
+    assert seam.first.inner_text() == "·H"  # `ĠH`: the prefix's space merged into the answer's first token
+    assert "the served prompt ends `]` `Ġ`, training has `ĠH`" in seam.first.get_attribute("title")
+    assert seam.first.evaluate("e => getComputedStyle(e).outlineStyle") == "solid"
+    boxes = page.locator("input[type=checkbox]")
+    names = [boxes.nth(i).evaluate("e => e.nextElementSibling.textContent") for i in range(boxes.count())]
+    boxes.nth(names.index("inference prompt")).click()  # the prompt the generator is served: its lone space is the seam
+    text_when(summary, lambda s: "inference prompt" in s and s != before)
+    expect(page.locator(".tok.seam")).to_have_count(1)
+    assert page.locator(".tok.seam").first.inner_text() == "·" and page.locator(".tok").last.inner_text() == "·"

@@ -9,6 +9,7 @@ __all__ = ['inspect_view', 'token_inspector', 'export_html']
 import html, json
 from pathlib import Path
 from ..templates import LLAMA3, ChatTemplate, TruncationError, sample_html, encode
+from ..seams import seam_marks
 
 # %% ../../nbs/12_inspect_tokens.ipynb #952e189e
 def _records(src) -> list:
@@ -26,14 +27,15 @@ def inspect_view(record:dict, # a chat record with `messages` (and `id`, shown i
                  max_tokens_count:int=0, # truncate to whole messages within this many tokens; 0: no limit
                  inference:bool=False, # show the inference prompt (no loss, ends with the bot prefix)
                 ) -> str:
-    "The HTML of one record under these settings (a dropped record says why)."
+    "The HTML of one record under these settings, seam tokens marked (a dropped record says why)."
     title = f"record {record.get('id', '?')}"
     try:
         s = encode(template, tokenizer, record["messages"], max_tokens_count=max_tokens_count or None, keep_end=keep_end,
                    only_answer_loss=only_answer_loss, inference=inference)
     except (TruncationError, KeyError, ValueError) as e:
         return f"<div class='alignlab-sample'><b>{html.escape(title)}</b><br><span class='summary dropped'>dropped: {html.escape(str(e))}</span></div>"
-    return sample_html(s, title=title)
+    msgs = record["messages"]; nxt = msgs[s.kept[1]] if inference and s.kept[1] < len(msgs) else None
+    return sample_html(s, title=title, marks=seam_marks(template, tokenizer, s, nxt, only_answer_loss))
 
 # %% ../../nbs/12_inspect_tokens.ipynb #d48bc7fd
 def token_inspector(records, # chat records: a list, a JSONL path or a dataset (its options become the defaults)
