@@ -42,9 +42,10 @@ def _train(a):
     from alignlab.settings import SettingsError, load_settings
     s = load_settings(ExperimentSettings, a.experiment_settings_path)
     want = recipe(command=a.command)
-    if s.recipe is not want:  # the data decides the objective; a mismatched command is a mistake, not a hint
-        raise SettingsError(f"{a.experiment_settings_path}: train_dataset_settings.dataset_type is {s.train_dataset_settings.dataset_type!r}, "
-                            f"which trains with {s.recipe.command}; {a.command} expects {want.dataset_type!r}")
+    if s.recipe is not want:  # the data and the model decide the objective; a mismatched command is a mistake, not a hint
+        got = f"{s.train_dataset_settings.dataset_type!r} data with a {s.model_settings.model_type!r} model"
+        raise SettingsError(f"{a.experiment_settings_path}: train_dataset_settings.dataset_type and model_settings.model_type: {got} "
+                            f"trains with {s.recipe.command}; {a.command} expects {want.dataset_type!r} data with a {want.model_type!r} model")
     if a.log_path: s = load_settings(ExperimentSettings, {**s.to_json(), "log_path": a.log_path})
     print(json.dumps(train(s, resume=a.resume, progress=not a.no_progress), indent=1, default=str))
 

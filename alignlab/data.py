@@ -56,7 +56,7 @@ class PromptTemplateSettings(Settings):
     @property
     def template(self) -> ChatTemplate: return ChatTemplate(dict(self.role_tag_mapping), self.prefix_template, self.suffix_template)
 
-DATASET_TYPES = ("chat", "pair_preferences", "classification", "sampling")
+DATASET_TYPES = ("chat", "pair_preferences", "classification", "sampling", "kto")
 
 # %% ../nbs/03_data.ipynb #c735df5e
 # the keys of turbo's ChatDatasetSettings, which its classification / pair_preferences (and kto) settings nest under
@@ -94,12 +94,11 @@ class DatasetSettings(Settings):
     also_accepts: ClassVar[dict] = {"chat_settings": "turbo's nesting of the chat part (classification, pair_preferences, kto): lifted to the top level",
                                     "chat_dataset": "turbo's nesting of the chat part of sampling data: lifted to the top level"}
     refused_values: ClassVar[dict] = {"dataset_type": {
-        "kto": "not built yet: the KTO pipeline arrives with the preference-optimization recipes",
         "ddpo": "not built yet: the DDPO pipeline arrives with the preference-optimization recipes",
         "multimodal": "not built yet: the multimodal pipelines arrive with their recipe"}}
     sources: list[SourceSettings] = Field(min_length=1)
     prompt_template: PromptTemplateSettings = PromptTemplateSettings()
-    dataset_type: Literal["chat", "pair_preferences", "classification", "sampling"] = "chat"
+    dataset_type: Literal["chat", "pair_preferences", "classification", "sampling", "kto"] = "chat"
     max_tokens_count: Optional[int] = Field(None, gt=0)
     only_answer_loss: bool = True
     only_last_replica_loss: bool = False
@@ -139,6 +138,7 @@ class DataError(ValueError):
 MESSAGE_KEYS = {"role", "content", "disable_loss"}
 RECORD_KEYS = {"chat": {"id", "messages", "label", "meta"},
                "pair_preferences": {"id", "context", "answer_w", "answer_l", "precomputed_margin"},
+               "kto": {"id", "context", "answer", "is_desirable"},
                "classification": {"id", "messages", "label"},
                "sampling": {"id", "dataset_name", "messages", "answers", "rewards", "label", "meta"}}
 _ROLE_NAMES = {"system": "system", "user": "user", "bot": "bot", "assistant": "bot"}
@@ -174,7 +174,7 @@ def _number(v, where, field):
 
 # %% ../nbs/03_data.ipynb #70d3da1f
 def check_record(r, # one parsed JSON record
-                 dataset_type:str, # chat, pair_preferences, classification or sampling
+                 dataset_type:str, # chat, pair_preferences, classification, sampling or kto
                  where:str, # "file:line", for the error
                  labels_required:bool=True, # classification: False accepts a record without `label` (inference on unlabelled data)
                 ) -> dict:
@@ -193,6 +193,12 @@ def check_record(r, # one parsed JSON record
         out["answer_w"], out["answer_l"] = _message(r["answer_w"], where, "answer_w"), _message(r["answer_l"], where, "answer_l")
         if r.get("precomputed_margin") is not None: out["precomputed_margin"] = _number(r["precomputed_margin"], where, "precomputed_margin")
         return out
+    if dataset_type == "kto":  # turbo's unpaired KTO record: one answer, desirable or not
+        for k in ("context", "answer", "is_desirable"):
+            if k not in r: raise DataError(f"{where}: {k}: missing field")
+        if not isinstance(r["is_desirable"], bool): raise DataError(f"{where}: is_desirable: expected true or false, got {_tname(r['is_desirable'])}")
+        return {**out, "context": _messages(r["context"], where, "context"), "answer": _message(r["answer"], where, "answer"),
+                "is_desirable": r["is_desirable"]}
     if "messages" not in r: raise DataError(f"{where}: messages: missing field")
     out["messages"] = _messages(r["messages"], where)
     if dataset_type in ("chat", "sampling"):  # inference outputs carry the chat record's label and meta through
@@ -287,8 +293,9 @@ class Records(list):
 
 def _roles_needed(r:dict, kind:str, inference:bool) -> list:
     "`(field, role)` of each message of record `r` the template will render (field None: the bot turn a prompt ends with)."
-    if kind == "pair_preferences":
-        msgs = [(f"context[{j}]", m) for j, m in enumerate(r["context"])] + [("answer_w", r["answer_w"]), ("answer_l", r["answer_l"])]
+    if kind in ("pair_preferences", "kto"):
+        ends = [("answer_w", r["answer_w"]), ("answer_l", r["answer_l"])] if kind == "pair_preferences" else [("answer", r["answer"])]
+        msgs = [(f"context[{j}]", m) for j, m in enumerate(r["context"])] + ends
     else: msgs = [(f"messages[{j}]", m) for j, m in enumerate(r["messages"])]
     if kind == "chat" and not inference:  # a training sample ends at a bot turn: what follows the last one is never rendered
         msgs = msgs[:1 + max((j for j, (_, m) in enumerate(msgs) if role_of(m) == "bot"), default=-1)]

@@ -9,7 +9,7 @@ __all__ = ['RECIPES', 'Recipe', 'recipe']
 from dataclasses import dataclass
 from typing import Callable, Optional
 from .settings import SettingsError, did_you_mean, load_settings
-from .train import TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings
+from .train import TrainerSettings, ClassificationTrainerSettings, ClassificationLossSettings, DPOTrainerSettings, KTOTrainerSettings
 from .metrics import classification_metrics, reward_metrics, class_weights
 
 # %% ../nbs/09_recipes.ipynb #ddd6ff55
@@ -24,7 +24,7 @@ class Recipe:
     trainer:str  # its Trainer subclass: a class of `alignlab.trainers`
     collator:Callable  # (pad_id, packing) -> the data collator
     trainer_settings:type = TrainerSettings  # the class of its `trainer_settings` section
-    prepare:Optional[Callable] = None  # (model, train_dataset, trainer settings, packing, loss_settings) -> (train_dataset, trainer attributes, notes)
+    prepare:Optional[Callable] = None  # (model, train_dataset, trainer settings, packing, loss_settings, eval_dataset=, pad_id=) -> (train_dataset, trainer attributes (+ `callbacks`), notes)
     metrics:Optional[Callable] = None  # the Trainer's compute_metrics (None: the eval loss only)
     num_labels:Optional[tuple] = None  # (min, max) outputs of a seq_cls head; max None = no upper bound
     inference:Optional[str] = None  # its inference command is `inference_<inference>` ...
@@ -33,6 +33,8 @@ class Recipe:
     packs:bool = False  # `packing` applies
     has_loss_settings:bool = False  # `trainer_settings.loss_settings` applies
     cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; its own data: score); None: none
+    whole_trainer_settings:bool = False  # its `trainer_settings` class reads the section whole, `loss_settings` included (DPO, KTO); else `loss_settings` is lifted out (classification)
+    check:Optional[Callable] = None  # (experiment settings) -> None: a one-line `SettingsError` for what the recipe cannot run, before anything loads
 
     @property
     def command(self) -> str: return f"train_{self.name}"
@@ -63,7 +65,7 @@ def _pair_collator(pad_id:int, packing=False):
     from alignlab.collate import PairCollator
     return PairCollator(pad_id)
 
-def _sft_prepare(model, train_dataset, ts, packing=False, loss_settings=None):
+def _sft_prepare(model, train_dataset, ts, packing=False, loss_settings=None, **kw):
     if not packing: return train_dataset, {}, []
     from alignlab.collate import PackedDataset
     opts = getattr(train_dataset, "options", {}) or {}
@@ -76,7 +78,7 @@ def _labels_of(ds) -> list:
     if hasattr(ds, "records") and hasattr(ds, "rows"): return [ds.records[int(i)]["label"] for i in ds.rows]
     return [int(ds[i]["labels"]) for i in range(len(ds))]
 
-def _classification_prepare(model, train_dataset, ts, packing=False, loss_settings=None):
+def _classification_prepare(model, train_dataset, ts, packing=False, loss_settings=None, **kw):
     n_labels = model.config.num_labels
     ls = load_settings(ClassificationLossSettings, loss_settings) if loss_settings is not None else ts.loss_settings
     labels = _labels_of(train_dataset)
@@ -87,6 +89,49 @@ def _classification_prepare(model, train_dataset, ts, packing=False, loss_settin
         raise SettingsError(f"trainer_settings.loss_settings.alpha: {len(alpha)} weights for a {n_labels}-label model; expected {n_labels}")
     notes = [f"alpha auto: {[round(a, 4) for a in alpha]}"] if ls.alpha == "auto" else []
     return train_dataset, dict(alignlab_alpha=alpha, alignlab_gamma=ls.gamma), notes
+
+# %% ../nbs/09_recipes.ipynb #9bbc3d96
+def _dpo_collator(pad_id:int, packing=False):
+    from alignlab.preferences import PreferenceCollator
+    return PreferenceCollator(pad_id)
+
+def _kto_collator(pad_id:int, packing=False):
+    from alignlab.preferences import KTOCollator
+    return KTOCollator(pad_id)
+
+def _preference_prepare(model, train_dataset, ts, packing=False, loss_settings=None, eval_dataset=None, pad_id=0):
+    from alignlab.preferences import cache_reference, MovingReference, sync_callback
+    kind, sets = ts.reference, [d for d in (train_dataset, eval_dataset) if d is not None]
+    _check_margins(ts, sets)
+    attrs = dict(alignlab_loss=getattr(ts, "loss_settings", ts), alignlab_average=ts.average_log_prob, alignlab_reference=kind, alignlab_moving=None)
+    if kind in ("initial", "adapter-disabled"):
+        for d in sets: cache_reference(model, d, kind, pad_id, ts.average_log_prob)
+    if kind == "moving":
+        m = attrs["alignlab_moving"] = MovingReference(model)
+        attrs["callbacks"] = [sync_callback(m, ts.sync_ref_settings.alpha, ts.sync_ref_settings.sync_steps)]
+    for d in sets if getattr(ts, "use_sft_model", False) else ():  # turbo's sft model: the policy as it starts
+        if kind == "initial":
+            tags, cols = d.reference
+            d.reference = (tags, {**cols, "sft_chosen": cols["ref_chosen"], "sft_rejected": cols["ref_rejected"]})
+        else: cache_reference(model, d, "initial", pad_id, ts.average_log_prob, prefix="sft")
+    return train_dataset, attrs, [f"reference: {kind}"]
+
+def _check_margins(ts, sets):
+    "`sigmoid_with_margin` needs every pair's `precomputed_margin`: the first pair without one, named."
+    if getattr(getattr(ts, "loss_settings", None), "loss_type", None) != "sigmoid_with_margin": return
+    for d in sets:
+        bad = [d.records[int(i)]["id"] for i in d.rows if d.records[int(i)].get("precomputed_margin") is None]
+        if bad: raise SettingsError(f"{d.report.name} dataset: record {bad[0]!r} has no precomputed_margin" + (f" (nor do {len(bad) - 1} more)" if len(bad) > 1 else "")
+                                    + "; loss_type 'sigmoid_with_margin' subtracts each pair's margin; expected it on every pair, or another loss_type")
+
+def _check_preference(s):
+    "The reference the model can give, and a margin for `sigmoid_with_margin`."
+    ts, ms = s.trainer_settings, s.model_settings
+    if ts.reference == "adapter-disabled" and not (ms.peft_settings or ms.adapter_path):
+        free = "simpo, orpo, asft"
+        raise SettingsError("trainer_settings.use_ref_model: false takes the policy with its adapter disabled as the reference, but "
+                            "model_settings has no peft_settings or adapter_path; expected an adapter, use_ref_model true"
+                            + (f", or a reference-free loss ({free})" if hasattr(ts, "loss_settings") else ""))
 
 # %% ../nbs/09_recipes.ipynb #80b65386
 RECIPES = (
@@ -105,22 +150,35 @@ RECIPES = (
            collator=_pair_collator, metrics=lambda p: reward_metrics(p.predictions), num_labels=(1, 1),
            inference="rm", inference_dataset_type="sampling", inference_what="reward scores for the answers of a sampling dataset",
            cherry_picks="pair_preferences"),
+    Recipe("dpo", "pair_preferences", "PairPreferenceDataset", "causal", "a causal LM on pair_preferences data by a loss of the DPO family",
+           "DPOTrainer", collator=_dpo_collator, trainer_settings=DPOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
+           whole_trainer_settings=True, check=_check_preference),
+    Recipe("kto", "kto", "KTODataset", "causal", "a causal LM on unpaired kto data (desirable or not) by KTO", "KTOTrainer",
+           collator=_kto_collator, trainer_settings=KTOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
+           whole_trainer_settings=True, check=_check_preference),
 )
 
 # %% ../nbs/09_recipes.ipynb #e5f6db1d
-def recipe(name:str=None, # an objective: 'sft', 'classification' or 'rm'
+def recipe(name:str=None, # an objective: 'sft', 'classification', 'rm', 'dpo' or 'kto'
            *,
            command:str=None, # a CLI command, e.g. 'train_sft'
            inference:str=None, # an inference kind: 'chat', 'classification' or 'rm'
            dataset_type:str=None, # a training dataset_type; its first row is the default objective
+           model_type:str=None, # with `dataset_type`: the row that trains this kind of model ('causal' or 'seq_cls') on that data
            where:str=None, # the setting named in the error (default: the key given)
           ) -> Recipe:
-    "The row of `RECIPES` for an objective `name`, a `train_*` `command`, an `inference` kind, or the training `dataset_type`."
+    "The row of `RECIPES` for an objective `name`, a `train_*` `command`, an `inference` kind, or the training `dataset_type` (and `model_type`)."
     for key, value, of in (("name", name, lambda r: r.name), ("command", command, lambda r: r.command),
                            ("inference", inference, lambda r: r.inference), ("dataset_type", dataset_type, lambda r: r.dataset_type)):
         if value is None: continue
-        for r in RECIPES:  # the first row for a dataset_type is its default objective
-            if of(r) == value: return r
+        rows = [r for r in RECIPES if of(r) == value]  # the first row for a dataset_type is its default objective
+        if rows and key == "dataset_type" and model_type is not None:
+            r = next((r for r in rows if r.model_type == model_type), None)
+            if r is None:
+                raise SettingsError(f"model_settings.model_type: {model_type!r}, but {value} data trains "
+                                    f"{' or '.join(f'{x.name} with a {x.model_type!r} model' for x in rows)}; expected {' or '.join(repr(x.model_type) for x in rows)}")
+            return r
+        if rows: return rows[0]
         choices = list(dict.fromkeys(of(r) for r in RECIPES if of(r)))
         verb = "cannot be trained on" if key == "dataset_type" else "is not an objective" if key == "name" else "is not a command"
         hint = did_you_mean(str(value), choices)

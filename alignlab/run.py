@@ -10,7 +10,7 @@ __all__ = ['LARGE_TRAIN_SET', 'ExperimentSettings', 'check_model', 'make_trainer
 import json, logging, math, sys, time
 from pathlib import Path
 from typing import Optional
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, model_validator
 from .settings import Settings, SettingsError, load_settings
 from .data import DatasetSettings
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
@@ -19,9 +19,22 @@ from .train import TrainerSettings, ClassificationLossSettings, _has_accelerator
 from .checkpoints import check_run_dir
 from .recipes import Recipe, RECIPES, recipe
 
+# %% ../nbs/10_run.ipynb #38e353e5
+def _recipe_of(data:dict):
+    "The recipe raw settings `data` name (training dataset_type and model_type), or None where they do not name one yet."
+    tds, ms = data.get("train_dataset_settings"), data.get("model_settings")
+    kind = tds.get("dataset_type", "chat") if isinstance(tds, dict) else getattr(tds, "dataset_type", None)
+    mt = ms.get("model_type", "causal") if isinstance(ms, dict) else getattr(ms, "model_type", None)
+    return next((r for r in RECIPES if r.dataset_type == kind and r.model_type == mt), None)
+
+def _whole(r:Recipe, ts:dict):
+    "`trainer_settings` `ts` read whole by recipe `r`'s class (DPO's, KTO's: `loss_settings` included); errors name `trainer_settings.<field>`."
+    try: return load_settings(r.trainer_settings, ts)
+    except SettingsError as e: raise SettingsError(str(e) if str(e).startswith("trainer_settings") else f"trainer_settings.{e}") from None
+
 # %% ../nbs/10_run.ipynb #558298e2
 class ExperimentSettings(Settings):
-    "The guide's train settings (`train_sft`, `train_classification`, `train_rm`)."
+    "The guide's train settings (`train_sft`, `train_classification`, `train_rm`, `train_dpo`, `train_kto`)."
     log_path: str = "train_output"
     seed: int = 42
     model_settings: ModelSettings
@@ -29,7 +42,7 @@ class ExperimentSettings(Settings):
     special_tokens_settings: Optional[SpecialTokensSettings] = None
     train_dataset_settings: DatasetSettings
     val_dataset_settings: Optional[DatasetSettings] = None
-    trainer_settings: TrainerSettings = Field(default_factory=TrainerSettings)  # built when needed: TrainingArguments imports slowly
+    trainer_settings: SerializeAsAny[TrainerSettings] = Field(default_factory=TrainerSettings)  # the recipe's class (DPO's, KTO's) when it has its own
     loss_settings: Optional[ClassificationLossSettings] = None
     cherry_pick_settings: Optional[CherryPickSettings] = None
     packing: bool = False
@@ -39,19 +52,19 @@ class ExperimentSettings(Settings):
     @model_validator(mode="before")
     @classmethod
     def _loss_in_trainer(cls, data):
-        # turbo keeps the focal-loss settings inside trainer_settings; alignlab reads them from there too
-        if isinstance(data, dict) and isinstance(data.get("trainer_settings"), dict) and "loss_settings" in data["trainer_settings"]:
-            ts = dict(data["trainer_settings"]); data = {**data, "trainer_settings": ts, "loss_settings": ts.pop("loss_settings")}
+        ts = data.get("trainer_settings", {}) if isinstance(data, dict) else None
+        if not isinstance(ts, dict): return data
+        if (r := _recipe_of(data)) is not None and r.whole_trainer_settings: return {**data, "trainer_settings": _whole(r, ts)}  # DPO, KTO
+        if "loss_settings" in ts:  # turbo keeps the focal-loss settings inside trainer_settings; read from there too
+            ts = dict(ts); data = {**data, "trainer_settings": ts, "loss_settings": ts.pop("loss_settings")}
         return data
 
     @model_validator(mode="after")
     def _consistent(self):
         kind = self.train_dataset_settings.dataset_type
-        r = recipe(dataset_type=kind, where="train_dataset_settings.dataset_type")
+        r = recipe(dataset_type=kind, model_type=self.model_settings.model_type, where="train_dataset_settings.dataset_type")
         if self.val_dataset_settings and self.val_dataset_settings.dataset_type != kind:
             raise SettingsError(f"val_dataset_settings.dataset_type: {self.val_dataset_settings.dataset_type!r}, but the training data is {kind!r}; expected the same")
-        if self.model_settings.model_type != r.model_type:
-            raise SettingsError(f"model_settings.model_type: {self.model_settings.model_type!r}, but {kind} data trains {r.name}; expected {r.model_type!r}")
         n = self.model_settings.model_kwargs.get("num_labels")
         if n is not None and not r.labels_fit(n):
             raise SettingsError(f"model_settings.num_labels: {n}, but {r.name} ({r.what}) needs {r.labels_wanted}; expected {r.num_labels[0]}")
@@ -65,10 +78,11 @@ class ExperimentSettings(Settings):
         if cp is not None and cp.kind != r.cherry_picks:
             raise SettingsError(f"cherry_pick_settings.dataset_settings.dataset_type: {cp.kind!r}, but {kind} data trains {r.name}, whose "
                                 f"cherry-picks read {r.cherry_picks} data; expected {r.cherry_picks!r}")
+        if r.check: r.check(self)
         return self
 
     @property
-    def recipe(self) -> Recipe: return recipe(dataset_type=self.train_dataset_settings.dataset_type)
+    def recipe(self) -> Recipe: return recipe(dataset_type=self.train_dataset_settings.dataset_type, model_type=self.model_settings.model_type)
     @property
     def objective(self) -> str: return self.recipe.name
 
@@ -122,7 +136,7 @@ def _need_bytes(model, args) -> int:
     return int(keep * per_ckpt + total * (0 if hasattr(model, "peft_config") else 1) + train + 32 * 2**20)
 
 # %% ../nbs/10_run.ipynb #0a78250f
-def make_trainer(objective, # a recipe's name ('sft', 'classification', 'rm') or the `Recipe`
+def make_trainer(objective, # a recipe's name ('sft', 'classification', 'rm', 'dpo', 'kto') or the `Recipe`
                  model, # the model to train, of the kind the recipe trains
                  tokenizer, # its tokenizer (pad id, else eos id, for the collator)
                  train_dataset, # the training dataset `build_dataset` made for this recipe
@@ -160,7 +174,8 @@ def make_trainer(objective, # a recipe's name ('sft', 'classification', 'rm') or
     if pad_id is None: raise SettingsError("special_tokens_settings.pad_token: the tokenizer has no pad (or eos) token; expected one")
     if r.model_type == "seq_cls" and getattr(model.config, "pad_token_id", None) is None: model.config.pad_token_id = pad_id  # pools the last non-pad token
     attrs, notes = {}, []
-    if r.prepare: train_dataset, attrs, notes = r.prepare(model, train_dataset, ts, packing, loss_settings)
+    if r.prepare: train_dataset, attrs, notes = r.prepare(model, train_dataset, ts, packing, loss_settings, eval_dataset=eval_dataset, pad_id=pad_id)
+    callbacks = list(callbacks) + list(attrs.pop("callbacks", ()))  # a recipe's own (the DPO reference's sync)
     notes = first + list(args.alignlab_notes) + list(notes)
     from alignlab import trainers  # imports transformers.Trainer (seconds): only when a trainer is built
     trainer = getattr(trainers, r.trainer)(model=model, args=args, data_collator=r.collator(pad_id, packing), train_dataset=train_dataset,

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RENAMED', 'NOT_SUPPORTED', 'training_argument_fields', 'TrainerSettings', 'ClassificationLossSettings',
-           'ClassificationTrainerSettings', 'fit']
+           'ClassificationTrainerSettings', 'DPOTrainerSettings', 'KTOTrainerSettings', 'fit']
 
 # %% ../nbs/08_train.ipynb #d2eda453
 import json, os, shutil
@@ -13,6 +13,7 @@ from typing import ClassVar, Literal, Optional, Union
 from pydantic import Field, model_validator
 from .settings import MirrorSettings, Settings, SettingsError, check_config_value, config_fields, did_you_mean, load_settings
 from .checkpoints import RunDirError, _fsync, checkpoints, last_checkpoint
+from .preference_losses import LossSettings, SyncRefModelSettings, check_loss_settings, parse_loss_settings, LOSS_TYPES
 
 # %% ../nbs/08_train.ipynb #755702a8
 RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "warmup_ratio": "warmup_steps"}
@@ -174,6 +175,62 @@ class ClassificationTrainerSettings(TrainerSettings):
     "`trainer_settings` of `train_classification`: TrainingArguments fields plus `loss_settings`."
     loss_settings: ClassificationLossSettings = ClassificationLossSettings()
     own: ClassVar[frozenset] = frozenset({"loss_settings"})
+
+# %% ../nbs/08_train.ipynb #57acf912
+def _reference_of(ls, # the DPO loss settings, or None (KTO: every record needs a reference)
+                  use_ref_model:bool, average_log_prob:bool, sync:SyncRefModelSettings) -> str:
+    "'initial', 'adapter-disabled', 'none' or 'moving': where the reference log-probs come from (the table above)."
+    base = check_loss_settings(ls, average_log_prob, use_ref_model) if ls is not None else ("model" if use_ref_model else "adapter-disabled")
+    if sync.sync_ref_model and base != "model":
+        raise SettingsError("sync_ref_settings.sync_ref_model: true, but use_ref_model is false: there is no reference model to sync; "
+                            "expected use_ref_model true (or sync_ref_model false)")
+    return ("moving" if sync.sync_ref_model else "initial") if base == "model" else base
+
+class DPOTrainerSettings(TrainerSettings):
+    "`trainer_settings` of `train_dpo` (turbo's `DPOTrainerSettings`): TrainingArguments fields plus the loss, the reference model and its syncing."
+    loss_settings: LossSettings
+    sync_ref_settings: SyncRefModelSettings = SyncRefModelSettings()  # turbo: a required key; the default syncs nothing
+    use_ref_model: bool = True
+    use_sft_model: bool = False
+    average_log_prob: bool = False
+    own: ClassVar[frozenset] = frozenset({"loss_settings", "sync_ref_settings", "use_ref_model", "use_sft_model", "average_log_prob"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss(cls, data):
+        if isinstance(data, dict):
+            if "loss_settings" not in data:
+                raise SettingsError(f"loss_settings: missing field; train_dpo needs the loss, e.g. {{\"loss_type\": \"sigmoid\", \"beta\": 0.1}} "
+                                    f"(loss_type one of {', '.join(LOSS_TYPES)})")
+            data = {**data, "loss_settings": parse_loss_settings(data["loss_settings"], where="loss_settings")}
+        return data
+
+    @model_validator(mode="after")
+    def _reference_ok(self): self.reference; return self
+
+    @property
+    def reference(self) -> str:
+        "Where the reference log-probs come from: 'initial', 'adapter-disabled', 'none' or 'moving'."
+        return _reference_of(self.loss_settings, self.use_ref_model, self.average_log_prob, self.sync_ref_settings)
+
+# %% ../nbs/08_train.ipynb #648cf2f9
+class KTOTrainerSettings(TrainerSettings):
+    "`trainer_settings` of `train_kto` (turbo's removed `KTOTrainerSettings`): TrainingArguments fields plus beta, the two weights and the reference."
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.33, ge=0)
+    undesirable_weight: float = Field(1.0, ge=0)
+    use_ref_model: bool = True
+    sync_ref_settings: SyncRefModelSettings = SyncRefModelSettings()
+    average_log_prob: bool = False
+    own: ClassVar[frozenset] = frozenset({"beta", "desirable_weight", "undesirable_weight", "use_ref_model", "sync_ref_settings", "average_log_prob"})
+
+    @model_validator(mode="after")
+    def _reference_ok(self): self.reference; return self
+
+    @property
+    def reference(self) -> str:
+        "Where the reference log-probs come from: 'initial', 'adapter-disabled' or 'moving' (every KTO record needs one)."
+        return _reference_of(None, self.use_ref_model, self.average_log_prob, self.sync_ref_settings)
 
 # %% ../nbs/08_train.ipynb #da34cc1c
 def _logged(history, key):

@@ -43,20 +43,23 @@ TAKEN_BY = {
     "CherryPickSettings": "cherry_pick_settings.CherryPickSettings", "GenerationSettings": "cherry_pick_settings.CherryPickSettings",
     "ChatCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "RMCherryPickSettings": "cherry_pick_settings.CherryPickSettings",
     "ClassificationCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "MetricSettings": "cherry_pick_settings.MetricSettings",
+    # the preference recipes (train_dpo, train_kto): the loss kinds and the reference syncing are alignlab.preference_losses'
+    "DPOTrainExperimentSettings": "run.ExperimentSettings", "KTOTrainExperimentSettings": "run.ExperimentSettings",
+    "DPOTrainerSettings": "train.DPOTrainerSettings", "KTOTrainerSettings": "train.KTOTrainerSettings", "KTODatasetSettings": "data.DatasetSettings",
+    "SyncRefModelSettings": "preference_losses.SyncRefModelSettings",
+    **{c: f"preference_losses.{c}" for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings "
+                                              "IPOLossSettings CPOLossSettings SlicHfLossSettings SimPOLossSettings ORPOLossSettings ASFTLossSettings "
+                                              "APOZeroLossSettings APODownLossSettings DPOPLossSettings NCAPairLossSettings CALDPOLossSettings").split()},
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
-_PREF = "not built yet: the preference-optimization pipelines (DPO family, KTO, DDPO, sampling) arrive with their own recipes"
+_PREF = "not built yet: DDPO and the sampling pipelines (random_sample, rm_sample, rso_sample) arrive with their own recipes"
 _RAG, _MM = "not built yet: the RAG pipelines arrive with their recipe", "not built yet: the multimodal pipelines arrive with their recipe"
 _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
-    **{c: _PREF for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings IPOLossSettings "
-                          "CPOLossSettings SlicHfLossSettings SimPOLossSettings ORPOLossSettings ASFTLossSettings APOZeroLossSettings "
-                          "APODownLossSettings DPOPLossSettings NCAPairLossSettings CALDPOLossSettings SyncRefModelSettings DPOTrainerSettings "
-                          "DPOTrainExperimentSettings KTOTrainerSettings KTOTrainExperimentSettings DDPOTrainExperimentSettings "
-                          "DDPODatasetSettings KTODatasetSettings BaseSamplingSettings RandomSamplingSettings BaseSamplingWithRMSettings "
-                          "SamplingWithRMSettings RSOSamplingSettings").split()},
+    **{c: _PREF for c in ("DDPOTrainExperimentSettings DDPODatasetSettings BaseSamplingSettings RandomSamplingSettings "
+                          "BaseSamplingWithRMSettings SamplingWithRMSettings RSOSamplingSettings").split()},
     **{c: _RAG for c in "RAGTrainExperimentSettings RAGIndexSettings RAGRetrievalSettings RAGPreTrainedModelSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
     **{c: _MM for c in ("MultimodalCherryPickSettings MultimodalDatasetSettings MultimodalDatasetProcessingSettings ModalityEncoderSettings "
                         "ModalityReaderSettings PreTrainedMultiModalModel MultimodalSingleModelInferenceSettings "
@@ -75,7 +78,8 @@ NOT_TAKEN = {
 # %% ../nbs/16_turbo.ipynb #4c8dbd85
 # turbo enums: the alignlab field whose values they are (None: the enum belongs to a class in NOT_TAKEN)
 ENUMS = {"DatasetType": ("data.DatasetSettings", "dataset_type"), "ModelType": ("models.ModelSettings", "model_type"),
-         "MetricType": ("cherry_pick_settings.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None, "DPOLossesType": None,
+         "MetricType": ("cherry_pick_settings.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None,
+         "DPOLossesType": ("preference_losses.DPOLossSettings", "loss_type"),
          "ModalityEncoderType": None, "Modality": None, "ModalityReader": None, "ModalityProjectorType": None}
 
 # %% ../nbs/16_turbo.ipynb #606bb356
@@ -173,7 +177,7 @@ def _enum_rows(name:str, c:dict) -> list:
 
 ENUM_NOTES = {"DatasetStrategy": "turbo's internal switch between train and inference datasets; no config key takes it",
               "WandbMode": "a value of WandbSettings.mode (logging_settings: inert here)",
-              "DPOLossesType": _PREF, "ModalityEncoderType": _MM, "Modality": _MM, "ModalityReader": _MM, "ModalityProjectorType": _MM}
+              "ModalityEncoderType": _MM, "Modality": _MM, "ModalityReader": _MM, "ModalityProjectorType": _MM}
 
 # %% ../nbs/16_turbo.ipynb #4699802d
 def _field_row(tname:str, field:str, v:dict, C, enum_values:dict) -> FieldStatus:
@@ -206,7 +210,7 @@ DEFAULTS_DIFFER = {
     "DatasetSourceSettings.offset": _SAME + "turbo's None and alignlab's 0 both start at the first record",
     "ChatDatasetSettings.keep_end": _SAME + "None and False both keep the start of a long chat (turbo's keep_start)",
     **{f"{c}.dataset_type": _SAME + "one alignlab class reads every dataset kind; turbo's train/val dataset settings require dataset_type, so a turbo config states it"
-       for c in ("ClassificationDatasetSettings", "PairPreferenceDatasetSettings", "SamplingDatasetSettings")},
+       for c in ("ClassificationDatasetSettings", "PairPreferenceDatasetSettings", "SamplingDatasetSettings", "KTODatasetSettings")},
     "CustomChatGenerationSettings.batch": "speed only: 16 prompts per left-padded generate call; greedy answers are the same tokens at any batch (test_generate)",
     "SingleModelInferenceSettings.batch": "speed only: records per inference batch",
     "BasePeftSettings.task_type": _SAME + "alignlab sets it from model_settings.model_type (CAUSAL_LM for causal models, SEQ_CLS for seq_cls)",

@@ -44,10 +44,16 @@ def _configs(tmp_path):
     from alignlab.recipes import RECIPES
     tpl = {"role_tag_mapping": {"bot": "assistant", "user": "user", "system": "system"},
            "prefix_template": "<|start_header_id|>{role}<|end_header_id|>\n\n", "suffix_template": "<|eot_id|>"}
-    data = {"chat": ("chat", {}), "classification": ("classification", {}), "pair_preferences": ("preferences", {"add_labels": False})}
+    from alignlab.preferences import unpair
+    kto = tmp_path / "kto" / "train.jsonl"  # the zoo's pairs as unpaired kto records
+    kto.parent.mkdir(parents=True, exist_ok=True)
+    kto.write_text("\n".join(json.dumps(r) for r in unpair(json.loads(l) for l in (zoo.get("preferences") / "train.jsonl").read_text().splitlines()[:16])))
+    data = {"chat": ("chat", {}), "classification": ("classification", {}), "pair_preferences": ("preferences", {"add_labels": False}), "kto": (kto.parent, {})}
     models = {"sft": {"model_path": "tiny-llama", "model_type": "causal"},
               "classification": {"model_path": "tiny-llama-cls", "model_type": "seq_cls", "num_labels": 2},
-              "rm": {"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1}}
+              "rm": {"model_path": "tiny-llama", "model_type": "seq_cls", "num_labels": 1},
+              "dpo": {"model_path": "tiny-llama", "model_type": "causal"}, "kto": {"model_path": "tiny-llama", "model_type": "causal"}}
+    own = {"dpo": {"loss_settings": {"loss_type": "sigmoid", "beta": 0.1}}, "kto": {"beta": 0.1}}  # their trainer_settings' own keys
     out = {}
     for r in RECIPES:
         item, extra = data[r.dataset_type]
@@ -55,10 +61,11 @@ def _configs(tmp_path):
                 **({"task_type": "SEQ_CLS"} if r.model_type == "seq_cls" else {})}
         out[r.command] = {
             "log_path": str(tmp_path / r.name), "seed": 3, "model_settings": {**models[r.name], "peft_settings": lora},
-            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str(zoo.get(item) / "train.jsonl"), "num_samples": 32}],
+            "train_dataset_settings": {"sources": [{"name": "train", "records_path": str((zoo.get(item) if isinstance(item, str) else item) / "train.jsonl"),
+                                                    "num_samples": 32}],
                                        "prompt_template": tpl, "dataset_type": r.dataset_type, "max_tokens_count": 96, **extra},
             "trainer_settings": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "save_strategy": "no",
-                                 "logging_steps": 1, "disable_tqdm": True}}
+                                 "logging_steps": 1, "disable_tqdm": True, **own.get(r.name, {})}}
     return out
 
 

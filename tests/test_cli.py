@@ -97,7 +97,7 @@ def test_settings_that_are_not_an_object_or_have_a_typo_are_one_line(tmp_path):
     p.write_text(json.dumps({"model_settings": {"model_path": "tiny-llama"}, "train_dataset_settings": {
         "sources": [{"name": "t", "records_path": "t.jsonl", "sample_rate": 1}], "dataset_type": "chatt"}}))
     _one_line_error(_run("train_sft", "--experiment_settings_path", str(p)),
-                    f"{p}: train_dataset_settings.dataset_type: 'chatt' is not one of 'chat', 'pair_preferences', 'classification', 'sampling'; did you mean 'chat'?")
+                    f"{p}: train_dataset_settings.dataset_type: 'chatt' is not one of 'chat', 'pair_preferences', 'classification', 'sampling', 'kto'; did you mean 'chat'?")
 
 
 def test_use_vllm_without_vllm_is_one_line_with_the_install_hint(tmp_path):

@@ -52,7 +52,7 @@ def _with(path, value):
 
 @pytest.mark.parametrize("path,value,expected", [
     (("train_dataset_settings", "dataset_type"), "chatt",
-     "train_dataset_settings.dataset_type: 'chatt' is not one of 'chat', 'pair_preferences', 'classification', 'sampling'; did you mean 'chat'?"),
+     "train_dataset_settings.dataset_type: 'chatt' is not one of 'chat', 'pair_preferences', 'classification', 'sampling', 'kto'; did you mean 'chat'?"),
     (("model_settings", "model_type"), "causall", "model_settings.model_type: 'causall' is not one of 'causal', 'seq_cls'; did you mean 'causal'?"),
     (("model_settings", "peft_settings", "name"), "LORRA", ("model_settings.peft_settings.name: ", "'LORRA'", "did you mean 'LORA'?", "P_TUNING")),
     (("trainer_settings", "lr_scheduler_type"), "cosin", "trainer_settings.lr_scheduler_type: 'cosin' is not one of 'linear', 'cosine',"),

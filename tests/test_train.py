@@ -159,8 +159,10 @@ def test_make_trainer_fails_before_training(tmp_path, tok):
         make_trainer("sft", model, tok, ds, None, {"max_steps": 2}, tmp_path/"f"/"run")
     with pytest.raises(SettingsError, match="classification trains a seq_cls model, got a causal model"):
         make_trainer("classification", model, tok, ds, None, {"max_steps": 2}, tmp_path/"run")
-    with pytest.raises(SettingsError, match="expected one of sft, classification, rm"):
-        make_trainer("dpo", model, tok, ds, None, {}, tmp_path/"run")
+    with pytest.raises(SettingsError, match="expected one of sft, classification, rm, dpo, kto"):
+        make_trainer("ppo", model, tok, ds, None, {}, tmp_path/"run")
+    with pytest.raises(SettingsError, match="train_dataset_settings.dataset_type: dpo needs a PairPreferenceDataset, got a ChatDataset"):
+        make_trainer("dpo", model, tok, ds, None, {"loss_settings": {"loss_type": "sigmoid"}}, tmp_path/"run")
     with pytest.raises(SettingsError, match="did you mean 'max_steps'"):
         make_trainer("sft", model, tok, ds, None, {"max_step": 2}, tmp_path/"run")
     assert not (tmp_path/"run"/"trainer").exists()

@@ -30,7 +30,7 @@ def test_the_checker_reports_an_unknown_field_and_a_stale_rule():
 @pytest.mark.parametrize("cls, src, says", [
     ("models.ModelSettings", {"model_path": "x", "model_type": "seq2seq"}, "model_type: 'seq2seq': encoder-decoder models are not supported"),
     ("models.ModelSettings", {"model_path": "x", "model_type": "qwen_with_ulysses"}, "Ulysses sequence parallelism"),
-    ("data.DatasetSettings", {"sources": [{"name": "a", "records_path": "x"}], "dataset_type": "kto"}, "dataset_type: 'kto': not built yet"),
+    ("data.DatasetSettings", {"sources": [{"name": "a", "records_path": "x"}], "dataset_type": "ddpo"}, "dataset_type: 'ddpo': not built yet"),
     ("models.ModelSettings", {"model_path": "x", "liger_kernels_settings": {"use_rope": True}}, "liger"),
     ("models.TransformersSettings", {"load_in_8bit": True}, "load_in_8bit"),
 ])
