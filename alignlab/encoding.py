@@ -65,8 +65,9 @@ def _render(tpl:ChatTemplate, # the prompt template
 def _tokenize_masked(backend, # a fast tokenizer's `backend_tokenizer`
                      texts:list, # the strings to tokenize: the rendered chats as `served_text` gives them
                      ivs:list, # per string, its trained character intervals `(start, end)`
+                     shifts=None, # per string, the characters `served_text` put in front of its chat (None: none)
                     ):
-    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss, ends)`: all token ids, their loss mask, per text its token and loss-token counts, and each token's end offset in its string."
+    "Steps 2-3: one batched tokenizer call; `(ids, mask, tl, nloss, ends)`: all token ids, their loss mask, per text its token and loss-token counts, and each token's end offset in its chat's text."
     encs = backend.encode_batch(texts, add_special_tokens=False)
     tl = np.fromiter(map(len, encs), np.int64, len(encs)); total = int(tl.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
@@ -74,6 +75,7 @@ def _tokenize_masked(backend, # a fast tokenizer's `backend_tokenizer`
     # one global character axis: text k starts at base[k]
     tlen = np.fromiter(map(len, texts), np.int64, len(texts)); base = np.concatenate([[0], np.cumsum(tlen)[:-1]])
     ends = off[:, 1].astype(np.int32)  # each token's end in its own text (the seam doctor's token boundaries)
+    if shifts is not None and any(shifts): ends = np.maximum(ends - np.repeat(np.asarray(shifts, np.int32), tl), 0)  # in the chat's text, as `encode`'s offsets
     off += np.repeat(base, tl)[:, None]
     giv = [(a + b0, b + b0) for iv, b0 in zip(ivs, base.tolist()) for a, b in iv]
     mask = overlap_mask(off, giv).astype(np.uint8)
@@ -151,8 +153,7 @@ def encode_chats(tpl:ChatTemplate, # the prompt template the chats are rendered 
         lens = np.zeros(len(idx), np.int64)
         ids = mask = tend = np.zeros(0, np.int32)
         if texts:
-            ids, mask, tl, nloss, tend = _tokenize_masked(backend, texts, ivs)
-            if any(shifts): tend = np.maximum(tend - np.repeat(np.asarray(shifts, np.int32), tl), 0)  # ends in the chat's text, as `encode`'s offsets
+            ids, mask, tl, nloss, tend = _tokenize_masked(backend, texts, ivs, shifts)
             bad = (tl > max_tokens_count) if max_tokens_count is not None else np.zeros(len(tl), bool)
             if not inference and ends_on_bot: bad |= nloss == 0
             for k in np.flatnonzero(bad).tolist(): slow.append(fast_i[k])
