@@ -246,9 +246,9 @@ class _TrainChain(_DataChain):
         "Classification: focal loss with class weights `alpha` (a list or `'auto'`) and focusing `gamma`."
         return self._set(loss_settings=load_settings(ClassificationLossSettings, {"alpha": alpha, "gamma": gamma}).model_dump(mode="json", exclude_unset=True))
 
-    def packing(self, on:bool=True, # pack (True) or one chat per row (False)
+    def packing(self, on:bool=True, # pack (True) or one chat (DPO: one pair's two rows) per row (False)
                ) -> "Experiment":
-        "SFT: pack several chats per row (no attention across them)."
+        "SFT: pack several chats per row (no attention across them); DPO: each pair in one row, its context once (`pack_pairs`)."
         return self._set(packing=bool(on))
 
     def cherry_picks(self, settings=None, # `cherry_pick_settings` as a dict, JSON path or object; None: the keywords
@@ -359,13 +359,14 @@ class _Plan(_ReferenceChain):
         counts, params = _parameters(ms)
         n_rows = len(train)
         notes = []
-        if s.packing:
+        if s.packing and s.objective == "sft":  # DPO packs each pair into one row: the rows stay the records
             from alignlab.collate import pack
             bins = pack([len(train[i]["input_ids"]) for i in range(len(train))], s.train_dataset_settings.max_tokens_count or 2048)
             notes.append(f"packing: {len(train)} chats in {len(bins)} rows")
             n_rows = len(bins)
+        elif s.packing: notes.append("packing: each pair in one row, its context once (then chosen and rejected)")
         sch = schedule(s.trainer_settings, n_rows, int(os.environ.get("WORLD_SIZE", 1)),
-                       what=f"packed rows ({len(train)} chats)" if s.packing else "records", evaluates=val is not None)
+                       what=f"packed rows ({len(train)} chats)" if n_rows != len(train) else "records", evaluates=val is not None)
         peft = ms.peft_settings.name if ms.peft_settings else (f"adapter {ms.adapter_path}" if ms.adapter_path else "full fine-tuning")
         rows = [("objective", f"{s.objective} ({s.recipe.command})"), ("run directory", s.log_path), ("seed", s.seed),
                 ("model", f"{ms.model_path} ({ms.model_type}, {ms.transformers_settings.dtype})"), ("method", peft), ("parameters", params),

@@ -93,16 +93,19 @@ def _classification_prepare(model, train_dataset, ts, packing=False, loss_settin
 # %% ../nbs/09_recipes.ipynb #9bbc3d96
 def _dpo_collator(pad_id:int, packing=False):
     from alignlab.preferences import PreferenceCollator
-    return PreferenceCollator(pad_id)
+    return PreferenceCollator(pad_id, pack=bool(packing))  # packing: one row per pair, the context once
 
 def _kto_collator(pad_id:int, packing=False):
     from alignlab.preferences import KTOCollator
     return KTOCollator(pad_id)
 
 def _preference_prepare(model, train_dataset, ts, packing=False, loss_settings=None, eval_dataset=None, pad_id=0):
-    from alignlab.preferences import cache_reference, MovingReference, sync_callback
+    from alignlab.preferences import cache_reference, MovingReference, sync_callback, check_packable
     kind, sets = ts.reference, [d for d in (train_dataset, eval_dataset) if d is not None]
     _check_margins(ts, sets)
+    if packing:
+        if not hasattr(ts, "loss_settings"): raise SettingsError("packing: set, but KTO's records are unpaired: there is no shared context to pack; expected packing false")
+        check_packable(model)
     attrs = dict(alignlab_loss=getattr(ts, "loss_settings", ts), alignlab_average=ts.average_log_prob, alignlab_reference=kind, alignlab_moving=None)
     if kind in ("initial", "adapter-disabled"):
         for d in sets: cache_reference(model, d, kind, pad_id, ts.average_log_prob)
@@ -114,7 +117,7 @@ def _preference_prepare(model, train_dataset, ts, packing=False, loss_settings=N
             tags, cols = d.reference
             d.reference = (tags, {**cols, "sft_chosen": cols["ref_chosen"], "sft_rejected": cols["ref_rejected"]})
         else: cache_reference(model, d, "initial", pad_id, ts.average_log_prob, prefix="sft")
-    return train_dataset, attrs, [f"reference: {kind}"]
+    return train_dataset, attrs, [f"reference: {kind}"] + (["packing: one row per pair (the context once, then chosen and rejected)"] if packing else [])
 
 def _check_margins(ts, sets):
     "`sigmoid_with_margin` needs every pair's `precomputed_margin`: the first pair without one, named."
@@ -152,7 +155,7 @@ RECIPES = (
            cherry_picks="pair_preferences"),
     Recipe("dpo", "pair_preferences", "PairPreferenceDataset", "causal", "a causal LM on pair_preferences data by a loss of the DPO family",
            "DPOTrainer", collator=_dpo_collator, trainer_settings=DPOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
-           whole_trainer_settings=True, check=_check_preference),
+           whole_trainer_settings=True, check=_check_preference, packs=True),
     Recipe("kto", "kto", "KTODataset", "causal", "a causal LM on unpaired kto data (desirable or not) by KTO", "KTOTrainer",
            collator=_kto_collator, trainer_settings=KTOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
            whole_trainer_settings=True, check=_check_preference),

@@ -328,7 +328,8 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
     note = export_chat_template(tok, train_ds.template)  # final/ serves what was trained
     if note: trainer.alignlab_notes.append(note); logging.getLogger("alignlab.run").warning(note)
     budget = training_budget(s.trainer_settings, len(trainer.train_dataset), trainer.args.world_size,
-                             what=f"packed rows ({len(train_ds)} chats)" if s.packing else "records", evaluates=val_ds is not None)
+                             what=f"packed rows ({len(train_ds)} chats)" if len(trainer.train_dataset) != len(train_ds) else "records",  # DPO packs within a record
+                             evaluates=val_ds is not None)
     trainer.alignlab_notes += budget["warnings"]  # the run summary's notes keep them
     if trainer.is_world_process_zero(): _say_budget(budget)
     if trainer.args.should_save: (run_dir/"experiment.json").write_text(json.dumps(s.to_json(), indent=1))

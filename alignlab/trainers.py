@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 from .cherry_picks import CherryPicks
 from .checkpoints import mark_complete, rotate_checkpoints
 from .metrics import focal_loss, pair_loss
-from .preferences import sequence_logps
+from .preferences import forward_logps
 from .preference_losses import preference_loss
 
 # %% ../nbs/08e_trainers.ipynb #1d74bd1c
@@ -123,12 +123,10 @@ class _PreferenceLogs:
 
 # %% ../nbs/08e_trainers.ipynb #d1166187
 def _forward_logps(trainer, model, inputs) -> tuple:
-    "(policy log-probs of every row, the moving reference's or None): ONE forward of the batch's rows, and one no-grad reference forward if the reference moves."
-    batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+    "(policy log-probs of every answer, the moving reference's or None): ONE forward of the batch, and one no-grad reference forward if the reference moves."
     moving = getattr(trainer, "alignlab_moving", None)
-    ref = moving.logps(model, batch, trainer.alignlab_average) if moving is not None else None  # before the policy's forward: its graph stays intact
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["input_ids"], batch["labels"], trainer.alignlab_average), ref
+    ref = moving.logps(model, inputs, trainer.alignlab_average) if moving is not None else None  # before the policy's forward: its graph stays intact
+    return forward_logps(model, inputs, trainer.alignlab_average), ref
 
 def _need(inputs, keys, kind):
     missing = [k for k in keys if inputs.get(k) is None]
