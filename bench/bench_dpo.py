@@ -3,11 +3,11 @@ model, data, LoRA and hyperparameters; MFU of both; and what shared-prompt packi
 
 Run (main venv; TRL lives in its own venv):
     HF_HUB_OFFLINE=1 python bench/bench_dpo.py [--models tiny,50m] [--threads 1,2] [--steps 6] [--warmup 2] [--batch 16]
-        [--repeats 2] [--trl-python /work/trl-venv/bin/python] [--packing-contexts zoo,64,256,1024] [--no-packing]
-    (about 10 minutes on 2 cores with the defaults; `--models tiny --threads 1 --steps 2 --repeats 1` for a quick check)
+        [--repeats 1] [--trl-python /work/trl-venv/bin/python] [--packing-contexts zoo,64,256,1024] [--no-packing] [--profile]
+    (about 8 minutes on 2 idle cores with the defaults; `--models tiny --threads 1 --steps 2 --no-packing` for a quick check)
 
 Each (model, threads, mode) runs in a fresh subprocess with `torch.set_num_threads(threads)`, the modes interleaved, the fastest
-of --repeats kept; TRL runs under `--trl-python` (a venv with trl, same torch / transformers / peft versions: checked), alignlab
+of --repeats kept (run the whole bench twice to see how stable the ratios are); TRL runs under `--trl-python` (a venv with trl, same torch / transformers / peft versions: checked), alignlab
 under this interpreter. Both read the same pairs from a temporary JSONL (the zoo's `preferences` train split) and the same model
 directory (the zoo's tiny-llama, or a seeded random ~50M Llama saved once by this script), wrap it in the same LoRA (same seed:
 same adapter init) and train the same steps: same batches (same sampler seed), same loss (sigmoid, beta 0.1), same optimizer.
@@ -283,10 +283,10 @@ def main():
     ap.add_argument("--modes", default="trl,trl_pre,alignlab,alignlab_packed")
     ap.add_argument("--threads", default="1,2", help="torch threads, comma-separated (the same on both sides)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--batch", type=int, default=16, help="pairs per step")
     ap.add_argument("--pairs", type=int, default=128, help="pairs of the data (the zoo's preferences train split has 600)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per (model, threads, mode); the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (model, threads, mode); the fastest is kept (for stability, run the bench twice)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -294,6 +294,7 @@ def main():
     ap.add_argument("--packing-contexts", dest="packing_contexts", default="zoo,64,256,1024",
                     help="shared-prompt packing micro-benchmark: 'zoo' (the real pairs) and/or synthetic context lengths")
     ap.add_argument("--packing-models", dest="packing_models", default="tiny,50m")
+    ap.add_argument("--packing-threads", dest="packing_threads", type=int, default=1, help="torch threads of the packing micro-benchmark")
     ap.add_argument("--no-packing", dest="packing", action="store_false")
     ap.add_argument("--profile", action="store_true", help="also time each step's phases (collate, forward, reference, backward, the rest)")
     ap.add_argument("--json", help="write the results here")
@@ -344,7 +345,7 @@ def main():
     packing = []
     if a.packing and a.packing_contexts:
         import packing_bench
-        packing = packing_bench.run(a, tmp, paths, max(threads), peaks)
+        packing = packing_bench.run(a, tmp, paths, a.packing_threads)
     if a.json: Path(a.json).write_text(json.dumps({"results": results, "peaks": peaks, "packing": packing, "loads": loads}, indent=1))
 
 

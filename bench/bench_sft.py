@@ -10,10 +10,15 @@ from both trainers' args). alignlab trains through `alignlab.run.make_trainer("s
 `transformers.Trainer` with `alignlab.collate.Collator` if that module is missing). A packed batch has `round(batch *
 mean padded width / max_tokens)` rows, about the token slots of a padded batch. The time is wall clock from the end of
 the last warm-up step to the end of the last step (data loading, collation, forward, backward, optimizer). tokens = every
-token slot of the batches (pads included); useful = non-pad tokens.
+token slot of the batches (pads included); useful = non-pad tokens. MFU = model FLOPs / time / the box's peak fp32 matmul
+rate at the same thread count, measured in the run (bench_dpo.py's count and peak: see its docstring). TRL runs under
+--trl-python (default /work/trl-venv/bin/python when it exists), alignlab under this interpreter.
 """
 import argparse, json, os, subprocess, sys, time
+from pathlib import Path
 import numpy as np
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_dpo import train_flops, peak_in_child  # MFU: the same model-FLOPs count and matmul peak as the DPO bench
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,7 +39,8 @@ class Counting:
         useful = sum(len(x["input_ids"]) for x in items)  # packed rows hold sample tokens only; the collator adds the pads
         n = sum(len(x["seq_lens"]) if "seq_lens" in x else int((np.asarray(x["position_ids"]) == 0).sum()) if "position_ids" in x else 1
                 for x in items)
-        self.log.append((int(b["input_ids"].numel()), useful, n))
+        rows, width = b["input_ids"].shape
+        self.log.append((int(b["input_ids"].numel()), useful, n, rows, width, int((b["labels"][:, 1:] != -100).sum())))
         return b
 
 
@@ -52,9 +58,13 @@ def load(model_name, seed):
         base.update(MODELS[model_name]); base.pop("head_dim", None)
         model = LlamaForCausalLM(LlamaConfig(**base))  # random init, seeded
     n_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    shape = dict(n_linear=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)), layers=c.num_hidden_layers,
+                 n_head=model.get_output_embeddings().weight.numel(), attn_width=c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads))
     torch.manual_seed(seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    return model, tok, n_params
+    shape["n_lora"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, tok, n_params, shape
 
 
 def chat_dataset(tok, n):
@@ -84,7 +94,7 @@ def child(a):
     import torch
     torch.set_num_threads(a.threads)
     from transformers import TrainerCallback
-    model, tok, n_params = load(a.model, a.seed)
+    model, tok, n_params, shape = load(a.model, a.seed)
     ds, samples = chat_dataset(tok, a.samples)
     steps = a.warmup + a.steps
     out = f"/tmp/bench_sft_{os.getpid()}"
@@ -125,6 +135,8 @@ def child(a):
             extra["trainer"] = "transformers.Trainer + alignlab.collate.Collator"
             args = TrainingArguments(**{**common_args(a, out, steps), "per_device_train_batch_size": bs})
             tr = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id), callbacks=[Clock()])
+    import transformers, peft
+    extra["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
     extra["args"] = {k: getattr(tr.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                      "lr_scheduler_type", "activation_checkpointing", "bf16", "max_grad_norm", "seed", "dataloader_num_workers")}
     tr.data_collator = counting = Counting(tr.data_collator)
@@ -133,16 +145,18 @@ def child(a):
     dt = times[-1] - times[a.warmup - 1] if a.warmup else times[-1] - times[0]
     timed = counting.log[a.warmup:steps]
     slots, useful, n = (sum(c[i] for c in timed) for i in range(3))
+    flops = sum(train_flops(shape, width, rows, scored) for _, _, _, rows, width, scored in timed)  # bench_dpo.py's model FLOPs
     print("RESULT " + json.dumps(dict(model=a.model, mode=a.mode, params=n_params, seconds=dt, steps=a.steps, tokens=slots, useful=useful,
                                       samples=n, tokens_s=slots / dt, useful_s=useful / dt, samples_s=n / dt,
-                                      pad_share=1 - useful / slots, train_loss=res.training_loss, threads=a.threads, **extra)), flush=True)
+                                      pad_share=1 - useful / slots, train_loss=res.training_loss, threads=a.threads, flops_s=flops / dt, **extra)), flush=True)
 
 
 def run(a, model, mode):
     mode, _, mt = mode.partition("@")
-    cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode, f"--max_tokens={mt or 0}"] + [
+    py = a.trl_python if mode == "trl" else sys.executable  # TRL lives in its own venv (same torch / transformers / peft: checked)
+    cmd = [py, __file__, "--child", "--model", model, "--mode", mode, f"--max_tokens={mt or 0}"] + [
         f"--{k}={getattr(a, k)}" for k in ("steps", "warmup", "batch", "threads", "lr", "seed", "samples")]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     if p.returncode or not line: sys.exit(f"bench child {model}/{mode} failed:\n{p.stderr[-3000:]}")
     r = json.loads(line[-1][7:])
@@ -150,14 +164,17 @@ def run(a, model, mode):
     return r
 
 
-def table(results):
-    rows = ["| model | mode | tokens/step | pad share | tokens/s | useful tokens/s | samples/s | tokens/s vs TRL | useful/s vs TRL |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def table(results, peak):
+    rows = ["| model | mode | tokens/step | pad share | tokens/s | useful tokens/s | samples/s | tokens/s vs TRL | useful/s vs TRL | MFU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         base = next(x for x in results if x["model"] == r["model"] and x["mode"] == "trl")
         rows.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {name(r['mode'])} | {r['tokens'] / r['steps']:.0f} | {r['pad_share']:.1%} | "
                     f"{r['tokens_s']:,.0f} | {r['useful_s']:,.0f} | {r['samples_s']:.1f} | "
-                    f"{r['tokens_s'] / base['tokens_s']:.2f}x | {r['useful_s'] / base['useful_s']:.2f}x |")
+                    f"{r['tokens_s'] / base['tokens_s']:.2f}x | {r['useful_s'] / base['useful_s']:.2f}x | {r['flops_s'] / 1e9 / peak:.1%} |")
+    rows.append(f"\nMFU: model FLOPs (bench_dpo.py's count: 4·N frozen linear + 6·N_lora per token slot, attention 12·layers·d·T, the LM head at "
+                f"the positions that predict a scored token) / time / the peak fp32 matmul rate at {results[0]['threads']} thread(s), {peak:.0f} GFLOP/s "
+                f"(a 2048³ torch.mm, the better of before and after the runs)")
     return "\n".join(rows)
 
 
@@ -179,6 +196,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=2000, help="chats used (the zoo's chat train split has 2000)")
+    ap.add_argument("--trl-python", dest="trl_python", default="/work/trl-venv/bin/python" if os.path.exists("/work/trl-venv/bin/python") else sys.executable,
+                    help="a python with trl installed (the TRL runs; alignlab's own modules are found through PYTHONPATH)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS); ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -186,6 +205,7 @@ def main():
     if a.child: return child(a)
     modes = [f"packed@{t}" if mode == "packed" else mode for mode in a.modes.split(",")
              for t in (a.max_tokens.split(",") if mode == "packed" else [None])]
+    peak = peak_in_child(a.threads)
     results = []
     for m in a.models.split(","):
         best = {}
@@ -201,15 +221,18 @@ def main():
                 for r in results if r["model"] == m}
         assert len(same) == 1, same
         assert len({r["args"]["per_device_train_batch_size"] for r in results if r["model"] == m and not r["mode"].startswith("packed")}) == 1
-    print(); print(table(results))
+        assert len({json.dumps(r["versions"], sort_keys=True) for r in results if r["model"] == m}) == 1, [r["versions"] for r in results]
+    peak = max(peak, peak_in_child(a.threads))
+    print(); print(table(results, peak))
     if "trl" in a.modes.split(","):
         for m in a.models.split(","):
             get = {r["mode"]: r for r in results if r["model"] == m}
             t = get["trl"]
-            if "padded" in get: print(f"{m}: alignlab padded / TRL padded = {get['padded']['tokens_s'] / t['tokens_s']:.2f}x tokens/s (target >= 1.0x)")
+            if "padded" in get: print(f"{m}: alignlab padded / TRL padded = {get['padded']['tokens_s'] / t['tokens_s']:.2f}x tokens/s (target >= 1.0x); "
+                                      f"MFU alignlab {get['padded']['flops_s'] / 1e9 / peak:.1%}, TRL {t['flops_s'] / 1e9 / peak:.1%}")
             for k in [k for k in get if k.startswith("packed")]:
                 print(f"{m}: alignlab {k} / TRL padded = {get[k]['useful_s'] / t['useful_s']:.2f}x useful tokens/s (target >= 1.5x)")
-    if a.json: open(a.json, "w").write(json.dumps(results, indent=1))
+    if a.json: open(a.json, "w").write(json.dumps({"results": results, "peak_gflops": peak}, indent=1))
 
 
 if __name__ == "__main__":
