@@ -16,7 +16,9 @@ losses of the three modes agree (printed). TRL's CPU-unfriendly defaults (bf16, 
 
 Modes: `trl` = TRL DPOTrainer as it comes (the reference = the policy with its adapter disabled, one extra no-grad forward per
 step); `trl_pre` = the same with `precompute_ref_log_probs=True` (one reference pass over the data before training); `alignlab`
-= `alignlab.run.make_trainer("dpo", ...)` (reference = adapter disabled, computed once and cached on the dataset).
+= `alignlab.run.make_trainer("dpo", ...)` (reference = adapter disabled, computed once and cached on the dataset);
+`alignlab_packed` = the same with `packing=True` (each pair in one row, its context once: `alignlab.preferences.pack_pairs`).
+The last section (`packing_bench.py`) measures shared-prompt packing alone, correctness first, as contexts grow.
 
 Time: wall clock from the end of the last warm-up step to the end of the last step (collation, forward, backward, optimizer,
 and the reference forward where a mode does it per step). `ref s` = the one-time reference pass (precompute / cache), reported
@@ -342,11 +344,13 @@ def main():
         for r in results:
             ph = r["phases"]; rest = r["step_s"] - sum(ph.values())
             print(f"{r['model']:4s} {r['threads']}t {MODES[r['mode']]:45s} " + " | ".join(f"{ph[k]:.3f}" for k in ph) + f" | {rest:.3f} | {r['step_s']:.3f}")
+    out = lambda packing: Path(a.json).write_text(json.dumps({"results": results, "peaks": peaks, "packing": packing, "loads": loads}, indent=1))
+    if a.json: out([])  # the grid, even if the packing section fails
     packing = []
     if a.packing and a.packing_contexts:
         import packing_bench
         packing = packing_bench.run(a, tmp, paths, a.packing_threads)
-    if a.json: Path(a.json).write_text(json.dumps({"results": results, "peaks": peaks, "packing": packing, "loads": loads}, indent=1))
+    if a.json: out(packing)
 
 
 if __name__ == "__main__":

@@ -138,12 +138,15 @@ def child(a):
         print("RESULT " + json.dumps(out[-1]), flush=True)
 
 
+def _ms(x): return "–" if x != x else f"{x:.1f}"  # NaN: not measured
+
+
 def table(rows):
     lines = ["| model | threads | data | token slots, two rows → packed | ms / pair, two rows (full LM head) | ms / pair, two rows | ms / pair, packed | packed vs two rows | max Δ log-p (nats) | grad rel. diff | controls: no mask / flat positions |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['threads']} | {r['context']} | {r['slots_unpacked']:,} → {r['slots_packed']:,} "
-                     f"({r['slots_unpacked'] / r['slots_packed']:.2f}x) | {'–' if r['ms_pair_full_head'] != r['ms_pair_full_head'] else f"{r['ms_pair_full_head']:.1f}"} | {r['ms_pair_unpacked']:.1f} | {r['ms_pair_packed']:.1f} | **{r['speedup']:.2f}x** | "
+                     f"({r['slots_unpacked'] / r['slots_packed']:.2f}x) | {_ms(r['ms_pair_full_head'])} | {r['ms_pair_unpacked']:.1f} | {r['ms_pair_packed']:.1f} | **{r['speedup']:.2f}x** | "
                      f"{r['logp_abs']:.1e} | {r['grad_rel']:.1e} | {r['control_no_mask']:.2g} / {r['control_positions']:.2g} |")
     return "\n".join(lines)
 
@@ -161,7 +164,7 @@ def run(a, tmp, paths, threads, peaks=None):
             if l.startswith("RESULT "):
                 rows.append(json.loads(l[7:]))
                 r = rows[-1]
-                print(f"packing {m} {r['context']:32s} {r['ms_pair_full_head']:8.1f} (full head) / {r['ms_pair_unpacked']:8.1f} -> {r['ms_pair_packed']:8.1f} ms/pair  {r['speedup']:.2f}x  "
+                print(f"packing {m} {r['context']:32s} {_ms(r['ms_pair_full_head']):>8s} (full head) / {r['ms_pair_unpacked']:8.1f} -> {r['ms_pair_packed']:8.1f} ms/pair  {r['speedup']:.2f}x  "
                       f"(slots {r['slots_unpacked']} -> {r['slots_packed']}; max d logp {r['logp_abs']:.1e})", flush=True)
     print(); print(table(rows))
     return rows
