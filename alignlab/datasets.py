@@ -11,7 +11,7 @@ import io, base64, html
 from collections import Counter
 import numpy as np
 from .settings import SettingsError
-from .templates import IGNORE_INDEX, special_edges, encode, Sample
+from .templates import IGNORE_INDEX, special_edges, encode, Sample, tokenizer_line
 from .encoding import TokenStore, encode_chats, _seed
 from .seams import SeamReport, find_seams, seam_lines
 from .data import Records, read_records
@@ -28,7 +28,7 @@ class DatasetReport:
                  notes, # what the build did that changes the data (sampling, options ignored)
                  training=True, # a training set (False: prompts, classification or sampling inputs)
                  first_at=None, # drop reason -> `file:line` of its first record (None: not known)
-                 tokenizer:str=None, # `models.tokenizer_line`: the tokenizer class loaded, and whether `use_fast` was honoured
+                 tokenizer:str=None, # `templates.tokenizer_line`: the tokenizer class loaded, and whether `use_fast` was honoured
                  seams=None, # the seam doctor's `seams.SeamReport` (None: not checked: not a training set)
                 ):
         self.name, self.status, self.lengths, self.n_tokens, self.n_loss = name, status, lengths, n_tokens, n_loss
@@ -299,7 +299,6 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
                   records:Records=None, # what `read_records(settings, inference, name)` returned (read before the model loaded); None: read here
                  ):
     "Read every source of `settings` (a `DatasetSettings`, dict or JSON path) and tokenize by its `dataset_type`."
-    from alignlab.models import tokenizer_line  # the plan's tokenizer line: a plain function (no model code is loaded)
     if records is None: records = read_records(settings, inference, name)
     st, notes, wheres, name = records.settings, list(records.notes), records.wheres, records.name
     tpl = st.prompt_template.template
