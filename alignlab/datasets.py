@@ -11,9 +11,10 @@ import io, base64, html
 from collections import Counter
 import numpy as np
 from .settings import SettingsError
-from .templates import IGNORE_INDEX, special_edges, encode, Sample
+from .templates import IGNORE_INDEX, special_edges, encode, Sample, tokenizer_line
 from .encoding import TokenStore, encode_chats, _seed
 from .seams import SeamReport, find_seams, seam_lines
+from .pair_doctor import check_pairs, pair_lines
 from .data import Records, read_records
 
 # %% ../nbs/03a_datasets.ipynb #7614b09c
@@ -28,13 +29,14 @@ class DatasetReport:
                  notes, # what the build did that changes the data (sampling, options ignored)
                  training=True, # a training set (False: prompts, classification or sampling inputs)
                  first_at=None, # drop reason -> `file:line` of its first record (None: not known)
-                 tokenizer:str=None, # `models.tokenizer_line`: the tokenizer class loaded, and whether `use_fast` was honoured
+                 tokenizer:str=None, # `templates.tokenizer_line`: the tokenizer class loaded, and whether `use_fast` was honoured
                  seams=None, # the seam doctor's `seams.SeamReport` (None: not checked: not a training set)
+                 pairs=None, # the preference doctor's `pair_doctor.PairReport` (None: not a pair_preferences build)
                 ):
         self.name, self.status, self.lengths, self.n_tokens, self.n_loss = name, status, lengths, n_tokens, n_loss
         self.warnings, self.notes, self.training = warnings, notes, training
         self.first_at = first_at or {}  # drop reason -> where its first record is (file:line)
-        self.tokenizer, self.seams = tokenizer, seams
+        self.tokenizer, self.seams, self.pairs = tokenizer, seams, pairs
         c = Counter(status)
         self.kept, self.truncated = c.pop("ok", 0) + c.get("truncated", 0), c.pop("truncated", 0)
         self.dropped = c  # reason -> count
@@ -299,7 +301,6 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
                   records:Records=None, # what `read_records(settings, inference, name)` returned (read before the model loaded); None: read here
                  ):
     "Read every source of `settings` (a `DatasetSettings`, dict or JSON path) and tokenize by its `dataset_type`."
-    from alignlab.models import tokenizer_line  # the plan's tokenizer line: a plain function (no model code is loaded)
     if records is None: records = read_records(settings, inference, name)
     st, notes, wheres, name = records.settings, list(records.notes), records.wheres, records.name
     tpl = st.prompt_template.template
@@ -316,15 +317,15 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
     bos = tokenizer.bos_token if special_edges(tokenizer)[0] else None
     training = not inference and kind in ("chat", "pair_preferences", "kto")
     per_piece, tok_line = not getattr(tokenizer, "is_fast", False), tokenizer_line(tokenizer)
-    def report(status, stores, n_bos, seams=None):
-        stores = [s for s in stores]
+    def report(status, stores, n_bos, seams=None, pairs=None):
         kept = [i for i, s in enumerate(status) if s in ("ok", "truncated")]
         lengths = np.concatenate([s.lengths[kept] for s in stores[:1]]) if kept else np.zeros(0, np.int64)
         nt = sum(s.n_tokens() for s in stores); nl = sum(s.n_loss() for s in stores)
         fa = _first_at(status, wheres)
-        lines = seam_lines(seams, tokenizer, tpl, lambda i: f"{records[i].get('id', i)} ({wheres[i]})") if seams else []
+        where = lambda i: f"{records[i].get('id', i)} ({wheres[i]})"
+        lines = (seam_lines(seams, tokenizer, tpl, where) if seams else []) + (pair_lines(pairs, tokenizer, tpl, where) if pairs else [])
         return DatasetReport(name, status, lengths, nt, nl, _doctor(tokenizer, tpl, stores[0], status, training, n_bos, per_piece, fa, lines),
-                             notes, training, fa, tok_line, seams)
+                             notes, training, fa, tok_line, seams, pairs)
     if kind == "chat":
         chats = [r["messages"] for r in records]
         rc = st.random_cut and inference
@@ -337,12 +338,12 @@ def build_dataset(settings, # a `DatasetSettings`, the guide's `dataset_settings
     if kind == "pair_preferences":
         o = {**opts, "keep_end": True, "inference": False}
         cw, cl, tw, tl = [_pair_chat(r, "w") for r in records], [_pair_chat(r, "l") for r in records], [], []
-        sw, kw, stw = enc(cw, token_ends=tw, **o)
-        sl, kl, stl = enc(cl, token_ends=tl, **o)
+        (sw, kw, stw), (sl, kl, stl) = enc(cw, token_ends=tw, **o), enc(cl, token_ends=tl, **o)
         status = [a if a not in ("ok", "truncated") else (b if b not in ("ok", "truncated") else ("truncated" if "truncated" in (a, b) else "ok"))
                   for a, b in zip(stw, stl)]
         sr = _seam_report(tpl, tokenizer, [(cw, sw, kw, tw), (cl, sl, kl, tl)], o, eos, status)
-        return done(PairPreferenceDataset(records, sw, sl, status, report(status, [sw, sl], False, sr), tpl, tokenizer, o))
+        pr = check_pairs(records, sw, sl, kw, kl, status)  # the preference doctor's data checks
+        return done(PairPreferenceDataset(records, sw, sl, status, report(status, [sw, sl], False, sr, pr), tpl, tokenizer, o))
     if kind == "kto":  # as pairs: keep_end, the context carries no loss; the KL chats borrow another record's answer
         return done(_kto_dataset(records, enc, opts, st.seed, tpl, tokenizer, eos, report))
     if kind == "classification":

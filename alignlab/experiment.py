@@ -10,7 +10,8 @@ import math, os, time
 from pathlib import Path
 from .settings import SettingsError, load_settings
 from .data import DatasetSettings, PromptTemplateSettings
-from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings, parse_model_settings, resolve_path, tokenizer_line
+from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings, parse_model_settings, resolve_path
+from .templates import tokenizer_line
 from .adapters import LoraSettings, PrefixTuningSettings, PromptTuningSettings, PTuningSettings
 from .train import TrainerSettings, ClassificationLossSettings
 from .cherry_pick_settings import CherryPickSettings

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'LIGER_FLAGS', 'SPECIAL_KINDS', 'TransformersSettings', 'TokenizerSettings', 'SpecialTokensSettings',
-           'ModelSettings', 'parse_model_settings', 'resolve_path', 'load_tokenizer', 'tokenizer_line',
-           'set_special_tokens', 'add_new_tokens', 'load_model', 'save_model', 'merge_adapters_to_base',
-           'MergeSettings', 'merge_from_settings', 'convert_to_safetensors', 'TokenView', 'token_view']
+           'ModelSettings', 'parse_model_settings', 'resolve_path', 'load_tokenizer', 'set_special_tokens',
+           'add_new_tokens', 'load_model', 'save_model', 'merge_adapters_to_base', 'MergeSettings',
+           'merge_from_settings', 'convert_to_safetensors', 'TokenView', 'token_view']
 
 # %% ../nbs/05_models.ipynb #19be0a02
 import json, logging
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 from .settings import Settings, SettingsError, did_you_mean, load_settings
+from .templates import tokenizer_line
 from .adapters import PeftSettings, _peft_name, _tied, peft_config, check_adapter_vocab
 
 # %% ../nbs/05_models.ipynb #17c4a201
@@ -163,16 +164,6 @@ def load_tokenizer(tokenizer_settings=None, # the guide's `tokenizer_settings` (
     tok = AutoTokenizer.from_pretrained(path, use_fast=ts.use_fast, trust_remote_code=ts.trust_remote_code, **ts.tokenizer_kwargs)
     tok.alignlab_use_fast = ts.use_fast  # what was asked, for `tokenizer_line`
     return tok
-
-def tokenizer_line(tok, # a tokenizer `load_tokenizer` loaded (it remembers the `use_fast` asked for)
-                  ) -> str:
-    "One line naming the tokenizer class that was loaded, fast or slow, and whether that is what `use_fast` asked for."
-    fast, asked = bool(getattr(tok, "is_fast", False)), getattr(tok, "alignlab_use_fast", None)
-    line = f"tokenizer: {type(tok).__name__} ({'fast' if fast else 'slow'})"
-    if asked is not None and asked != fast:
-        line += (f"; use_fast={str(asked).lower()} asked, but transformers loaded the {'fast' if fast else 'slow'} one "
-                 f"(the checkpoint has no {'slow' if fast else 'fast'} tokenizer)")
-    return line
 
 SPECIAL_KINDS = ("bos", "eos", "pad", "unk", "sep")
 

@@ -117,7 +117,9 @@ def _preference_prepare(model, train_dataset, ts, packing=False, loss_settings=N
             tags, cols = d.reference
             d.reference = (tags, {**cols, "sft_chosen": cols["ref_chosen"], "sft_rejected": cols["ref_rejected"]})
         else: cache_reference(model, d, "initial", pad_id, ts.average_log_prob, prefix="sft")
-    return train_dataset, attrs, [f"reference: {kind}"] + (["packing: one row per pair (the context once, then chosen and rejected)"] if packing else [])
+    from alignlab.preference_doctor import before_training  # the preference doctor's reference checks, on the log-probs just cached
+    lines, attrs["alignlab_summary"] = before_training(train_dataset, eval_dataset, kind)
+    return train_dataset, attrs, [f"reference: {kind}"] + [line for line, warns in lines if warns] + (["packing: one row per pair (the context once, then chosen and rejected)"] if packing else [])
 
 def _check_margins(ts, sets):
     "`sigmoid_with_margin` needs every pair's `precomputed_margin`: the first pair without one, named."

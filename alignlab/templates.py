@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'BOT_ROLES', 'ROLES', 'LLAMA3', 'BRACKETS', 'ROLE_COLORS', 'Span', 'role_of', 'ChatTemplate',
            'TruncationError', 'last_trained_bot', 'carries_loss', 'trained_intervals', 'overlap_mask', 'special_edges',
-           'front_ids', 'front_text', 'served_text', 'tokenize', 'Sample', 'allowed_ends', 'encode', 'sample_html',
-           'jinja_front', 'to_jinja']
+           'front_ids', 'front_text', 'served_text', 'tokenizer_line', 'tokenize', 'Sample', 'allowed_ends', 'encode',
+           'sample_html', 'jinja_front', 'to_jinja']
 
 # %% ../nbs/02_templates.ipynb #fe139323
 import html, json, random, warnings
@@ -165,6 +165,18 @@ def served_text(tokenizer, # a Hugging Face tokenizer
     f = front_text(tokenizer)
     if not f or text.startswith(f): return text, 0
     return f + text, len(f)
+
+# %% ../nbs/02_templates.ipynb #tokline02
+def tokenizer_line(tok, # a tokenizer `load_tokenizer` loaded (it remembers the `use_fast` asked for)
+                  ) -> str:
+    "One line naming the tokenizer class that was loaded, fast or slow, and whether that is what `use_fast` asked for."
+    fast, asked = bool(getattr(tok, "is_fast", False)), getattr(tok, "alignlab_use_fast", None)
+    line = f"tokenizer: {type(tok).__name__} ({'fast' if fast else 'slow'})"
+    if asked is not None and asked != fast:
+        line += (f"; use_fast={str(asked).lower()} asked, but transformers loaded the {'fast' if fast else 'slow'} one "
+                 f"(the checkpoint has no {'slow' if fast else 'fast'} tokenizer)")
+    return line
+
 
 # %% ../nbs/02_templates.ipynb #207ade3e
 def tokenize(tokenizer, # a Hugging Face tokenizer

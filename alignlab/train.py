@@ -287,6 +287,7 @@ def fit(trainer, # a trainer `make_trainer` built (it knows its run directory)
                    resumed_from=str(ckpt) if ckpt else None, final_dir=str(final), best_checkpoint=str(best) if best else None,
                    train_seconds=round(train_s, 2),
                    world_size=trainer.args.world_size, n_train=len(trainer.train_dataset),
-                   n_eval=len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0, notes=list(trainer.alignlab_notes) + ([note] if note else []))
+                   n_eval=len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0, notes=list(trainer.alignlab_notes) + ([note] if note else []),
+                   **getattr(trainer, "alignlab_summary", {}))  # a recipe's own findings (the preference doctor's)
     if trainer.args.should_save: (run_dir/"train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary

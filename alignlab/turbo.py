@@ -43,6 +43,10 @@ TAKEN_BY = {
     "CherryPickSettings": "cherry_pick_settings.CherryPickSettings", "GenerationSettings": "cherry_pick_settings.CherryPickSettings",
     "ChatCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "RMCherryPickSettings": "cherry_pick_settings.CherryPickSettings",
     "ClassificationCherryPickSettings": "cherry_pick_settings.CherryPickSettings", "MetricSettings": "cherry_pick_settings.MetricSettings",
+    # the sampling pipelines (random_sample, rm_sample, rso_sample): each turbo class and its base, read by alignlab.sampling's
+    "BaseSamplingSettings": "sampling.RandomSamplingSettings", "RandomSamplingSettings": "sampling.RandomSamplingSettings",
+    "BaseSamplingWithRMSettings": "sampling.RMSamplingSettings", "SamplingWithRMSettings": "sampling.RMSamplingSettings",
+    "RSOSamplingSettings": "sampling.RSOSamplingSettings",
     # the preference recipes (train_dpo, train_kto): the loss kinds and the reference syncing are alignlab.preference_losses'
     "DPOTrainExperimentSettings": "run.ExperimentSettings", "KTOTrainExperimentSettings": "run.ExperimentSettings",
     "DPOTrainerSettings": "train.DPOTrainerSettings", "KTOTrainerSettings": "train.KTOTrainerSettings", "KTODatasetSettings": "data.DatasetSettings",
@@ -53,13 +57,12 @@ TAKEN_BY = {
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
-_PREF = "not built yet: DDPO and the sampling pipelines (random_sample, rm_sample, rso_sample) arrive with their own recipes"
+_PREF = "not built yet: DDPO arrives with its own recipe"
 _RAG, _MM = "not built yet: the RAG pipelines arrive with their recipe", "not built yet: the multimodal pipelines arrive with their recipe"
 _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
-    **{c: _PREF for c in ("DDPOTrainExperimentSettings DDPODatasetSettings BaseSamplingSettings RandomSamplingSettings "
-                          "BaseSamplingWithRMSettings SamplingWithRMSettings RSOSamplingSettings").split()},
+    **{c: _PREF for c in "DDPOTrainExperimentSettings DDPODatasetSettings".split()},
     **{c: _RAG for c in "RAGTrainExperimentSettings RAGIndexSettings RAGRetrievalSettings RAGPreTrainedModelSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
     **{c: _MM for c in ("MultimodalCherryPickSettings MultimodalDatasetSettings MultimodalDatasetProcessingSettings ModalityEncoderSettings "
                         "ModalityReaderSettings PreTrainedMultiModalModel MultimodalSingleModelInferenceSettings "

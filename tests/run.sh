@@ -45,7 +45,7 @@ n=$(ls nbs/*.ipynb | wc -l)
 timeout 1200 nbdev_test --n_workers 2 --timing
 
 step "pytest"
-timeout 3600 python -m pytest -q tests  # a guard against a hang, not a target: 30 min was hit on a slow 2-core Xeon (2026-12-03)
+timeout 3600 python -m pytest -q --durations=12 tests  # a guard against a hang, not a target: 30 min was hit on a slow 2-core Xeon (2026-12-03)
 
 step "the float-sensitive tests again under AVX2 kernels (another CPU, emulated on this one: bench/bench_robustness.py)"
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 timeout 600 python -m pytest -q tests/test_generate.py tests/test_collate.py
