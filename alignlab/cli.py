@@ -67,6 +67,22 @@ def _docs(a):
     if a.readme: print(f"wrote {write_readme()}")
     else: print(f"docs site: {render_site(force_fallback=a.no_quarto)}")
 
+# %% ../nbs/14_cli.ipynb #808f3a39
+def _review(a):
+    from alignlab.review_app import export_review, serve_review
+    if a.export: print(f"wrote {export_review(a.run_dirs, a.export, ratings_dir=a.ratings_dir)}"); return
+    serve_review(a.run_dirs, address=a.address, port=a.port, ratings_dir=a.ratings_dir)
+
+def _add_review(sub):
+    "The `review` command (nbs/19b_review_app): serve the cherry-pick review app, or export a static review."
+    v = sub.add_parser("review", help="the cherry-pick review app: browse, compare and rate runs' generations (serves on 127.0.0.1)")
+    v.add_argument("run_dirs", nargs="+", help="run directories holding cherry_picks.jsonl (or the JSONL files)")
+    v.add_argument("--address", default="127.0.0.1", help="the interface to serve on (default: this machine only)")
+    v.add_argument("--port", type=int, default=5006, help="0: a free port")
+    v.add_argument("--ratings_dir", default=None, help="where ratings go (default: RUN_DIR/review of the first run)")
+    v.add_argument("--export", default=None, metavar="HTML", help="write a static review page (no server) and exit")
+    v.set_defaults(func=_review)
+
 # %% ../nbs/14_cli.ipynb #4ac97e96
 # turbo-alignment's sampling commands (nbs/06c_sampling): each writes sampled.jsonl and pairs.jsonl (pair_preferences for train_dpo)
 SAMPLING_COMMANDS = {"random_sample": "keep N random answers per record of a sampling dataset (seeded); pairs where the records carry rewards",
@@ -116,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb")
     d.add_argument("--no_quarto", action="store_true", help="use the nbconvert renderer even where quarto exists")
     d.set_defaults(func=_docs)
-    return p
+    _add_review(sub); return p
 
 def main(argv=None, # the arguments after `alignlab`; None: `sys.argv[1:]`
         ):
