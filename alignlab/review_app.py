@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['default_ratings_dir', 'ReviewApp', 'serve_review', 'export_review']
 
-# %% ../nbs/19b_review_app.ipynb #67f16305
+# %% ../nbs/19b_review_app.ipynb #b1d95dc3
 import html
 from pathlib import Path
 from .review import Review, REVIEW_CSS, prompt_html, metric_curves_svg, select_prompts
 from .ratings import RatingStore, rated_keys, ratings_html, agreement_html
 
-# %% ../nbs/19b_review_app.ipynb #e6ff7d05
+# %% ../nbs/19b_review_app.ipynb #b1563d3f
 def default_ratings_dir(runs, # the run directories (or review-store files) under review
                        ) -> Path:
     "Where ratings go unless told: `review/` inside the first run's directory."
@@ -24,35 +24,36 @@ def _sides(review:Review) -> tuple:
     if len(review.labels) > 1: return last(review.labels[0]), last(review.labels[1])
     return review.versions[0], review.versions[-1]
 
-# %% ../nbs/19b_review_app.ipynb #5b59d319
+# %% ../nbs/19b_review_app.ipynb #ffcb41fd
 def _widgets(self):
     "Build the app's widgets (`ReviewApp.__init__`)."
     import panel as pn
     rv, (a, b) = self.review, _sides(self.review)
     W = pn.widgets
-    self.w_reviewer = W.TextInput(name="reviewer", placeholder="your name", value=self.reviewer, width=160)
-    self.w_a, self.w_b = W.Select(name="side A", options=rv.versions, value=a, width=220), W.Select(name="side B", options=rv.versions, value=b, width=220)
-    self.w_steps = W.MultiChoice(name="steps shown", options=[str(s) for s in rv.steps()], value=[str(s) for s in rv.steps()], width=260)
-    self.w_metric = W.Select(name="metric", options=["(none)"] + rv.metrics, value="(none)", width=170)
-    self.w_op = W.Select(name="A's metric", options=[">=", "<="], value=">=", width=80)
-    self.w_thr = W.FloatInput(name="threshold (empty: none)", value=None, width=150)
-    self.w_disagree, self.w_unrated = W.Checkbox(name="only where A and B disagree"), W.Checkbox(name="unrated only")
-    self.w_prompt = W.Select(name="prompt", options=[], width=320)
-    self.b_prev, self.b_next = W.Button(name="◀ prev", width=80), W.Button(name="next ▶", width=80)
-    self.b_a, self.b_b = W.Button(name="A is better", button_type="primary", width=110), W.Button(name="B is better", button_type="primary", width=110)
-    self.marks = {(s, g): W.Button(name=f"{s.upper()} {'good' if g else 'bad'}", button_type="success" if g else "danger", width=80)
+    self.w_reviewer = W.TextInput(label="reviewer", placeholder="your name", value=self.reviewer, width=160)
+    self.w_a, self.w_b = W.Select(label="side A", options=rv.versions, value=a, width=220), W.Select(label="side B", options=rv.versions, value=b, width=220)
+    self.w_steps = W.MultiChoice(label="steps shown", options=[str(s) for s in rv.steps()], value=[str(s) for s in rv.steps()], width=260)
+    self.w_metric = W.Select(label="metric", options=["(none)"] + rv.metrics, value="(none)", width=170)
+    self.w_op = W.Select(label="A's metric", options=[">=", "<="], value=">=", width=80)
+    self.w_thr = W.FloatInput(label="threshold (empty: none)", value=None, width=150)
+    self.w_disagree, self.w_unrated = W.Checkbox(label="only where A and B disagree"), W.Checkbox(label="unrated only")
+    self.w_prompt = W.Select(label="prompt", options=[], width=320)
+    self.b_prev, self.b_next = W.Button(label="◀ prev", width=80), W.Button(label="next ▶", width=80)
+    self.b_a, self.b_b = W.Button(label="A is better", color="primary", width=110), W.Button(label="B is better", color="primary", width=110)
+    self.marks = {(s, g): W.Button(label=f"{s.upper()} {'good' if g else 'bad'}", color="success" if g else "danger", width=80)
                   for s in "ab" for g in (True, False)}
-    self.w_note = W.TextInput(name="note (optional)", width=300)
-    self.count, self.whoami, self.status = pn.pane.HTML(""), pn.pane.HTML(""), pn.pane.HTML("<div class='rv-status'></div>")
-    self.view, self.curves = pn.pane.HTML("", sizing_mode="stretch_width"), pn.pane.HTML("")
-    self.ratings_pane, self.b_refresh = pn.pane.HTML("", sizing_mode="stretch_width"), W.Button(name="refresh ratings", width=130)
+    self.w_note = W.TextInput(label="note (optional)", placeholder="note (optional)", width=300)
+    H = lambda obj="", **kw: pn.pane.HTML(obj, stylesheets=[REVIEW_CSS], **kw)  # each pane has its own shadow root: give each the CSS
+    self.count, self.whoami, self.status = H(), H(), H("<div class='rv-status'></div>")
+    self.view, self.curves = H(sizing_mode="stretch_width"), H()
+    self.ratings_pane, self.b_refresh = H(sizing_mode="stretch_width"), W.Button(label="refresh ratings", width=130)
 
-# %% ../nbs/19b_review_app.ipynb #d3f68b82
+# %% ../nbs/19b_review_app.ipynb #ab88a92d
 def _layout(self):
     "Arrange the widgets (`ReviewApp.__init__`)."
     import panel as pn
     rate = pn.Row(self.b_a, self.b_b, *self.marks.values(), self.w_note)
-    return pn.Column(pn.pane.HTML(f"<style>{REVIEW_CSS}</style><h3>Cherry-pick review</h3><div class='rv-muted'>{html.escape(repr(self.review))}; "
+    return pn.Column(pn.pane.HTML(f"<h3>Cherry-pick review</h3><div class='rv-muted'>{html.escape(repr(self.review))}; "
                                   f"ratings: {html.escape(str(self.store.dir))}</div>"),
                      pn.Row(self.w_reviewer, self.whoami, self.w_a, self.w_b, self.w_steps),
                      pn.Row(self.w_metric, self.w_op, self.w_thr, self.w_disagree, self.w_unrated),
@@ -72,7 +73,7 @@ def _wire(self):
     for (s, g), btn in self.marks.items(): btn.on_click(lambda e, s=s, g=g: self.mark(s, g))
     self.b_refresh.on_click(lambda e: self.show_ratings())
 
-# %% ../nbs/19b_review_app.ipynb #dfec6eed
+# %% ../nbs/19b_review_app.ipynb #65cee3c3
 class ReviewApp:
     "One review session: the widgets, the filtered prompts, the ratings it writes. Display it in Jupyter, or `.servable()` it."
     def __init__(self, runs, # run directories (or review-store files), or a `Review`
@@ -104,7 +105,7 @@ class ReviewApp:
         self.whoami.object = (f"<div class='rv-whoami'>reviewing as <b>{html.escape(self.who)}</b></div>" if self.who
                               else "<div class='rv-whoami rv-warn'>enter your name to rate</div>")
 
-# %% ../nbs/19b_review_app.ipynb #692b788f
+# %% ../nbs/19b_review_app.ipynb #01a0f900
 def _refilter(self):
     "Recompute the prompts that pass the filters; keep the current prompt where it still passes."
     m = None if self.w_metric.value == "(none)" else self.w_metric.value
@@ -138,7 +139,7 @@ def _move(self, by:int, # +1: next prompt, -1: previous (wrapping around)
 
 ReviewApp.refilter, ReviewApp.render, ReviewApp.move = _refilter, _render, _move
 
-# %% ../nbs/19b_review_app.ipynb #ee117a7a
+# %% ../nbs/19b_review_app.ipynb #95ff450b
 def _say(self, ok:bool, text:str):
     "Show the outcome of a rating under the buttons."
     self.status.object = f"<div class='rv-status {'rv-ok' if ok else 'rv-warn'}'>{html.escape(text)}</div>"
@@ -175,7 +176,7 @@ def _show_ratings(self):
 
 ReviewApp.rate_pair, ReviewApp.mark, ReviewApp.show_ratings = _rate_pair, _mark, _show_ratings
 
-# %% ../nbs/19b_review_app.ipynb #72d14070
+# %% ../nbs/19b_review_app.ipynb #d7c36e77
 def serve_review(runs:list, # the run directories (or review-store files)
                  address:str="127.0.0.1", # the interface to listen on (127.0.0.1: this machine only)
                  port:int=5006, # the port; 0: a free one
@@ -194,7 +195,7 @@ def serve_review(runs:list, # the run directories (or review-store files)
     return pn.serve({"review": lambda: ReviewApp(runs, d, labels=labels).layout}, address=address, port=port, websocket_origin=origins,
                     show=show, start=start, title="alignlab review", verbose=False)
 
-# %% ../nbs/19b_review_app.ipynb #15370704
+# %% ../nbs/19b_review_app.ipynb #e8f6bf23
 def export_review(runs, # run directories (or review-store files), or a `Review`
                   path, # the HTML file to write
                   a:str=None, # side A's version; None: as the app starts
