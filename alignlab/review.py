@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['REVIEW_CSS', 'demo_runs', 'Review', 'word_diff', 'diff_html', 'select_prompts', 'prompt_html', 'metric_curves_svg']
 
-# %% ../nbs/19_review.ipynb #8e0b1c80
+# %% ../nbs/19_review.ipynb #88091a80
 import difflib, html, io, re
 from pathlib import Path
 from .review_store import STORE_NAME, read_review_store
 from .data import DataError
 
-# %% ../nbs/19_review.ipynb #569d4041
+# %% ../nbs/19_review.ipynb #1d989dd3
 def _demo_settings(n_prompts:int) -> dict:
     "The cherry-pick settings of `demo_runs`: greedy answers to the zoo's held-out chat prompts, three metrics."
     from alignlab import zoo
@@ -72,7 +72,7 @@ def demo_runs(root=None, # where the runs are written (one sub-directory each, s
                 shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
     return [out / n for n in runs]
 
-# %% ../nbs/19_review.ipynb #fd7b4f58
+# %% ../nbs/19_review.ipynb #91ea2275
 def _store_path(p) -> Path:
     "The review store of a run directory (or the JSONL given); a one-line `DataError` where there is none."
     p = Path(p)
@@ -97,7 +97,7 @@ def _version(run:str, step:int, k:int, many:bool) -> str:
     "A version's name: `run @ step`, with `#k` where the run stored several answers per prompt and step."
     return f"{run} @ {step}" + (f" #{k}" if many else "")
 
-# %% ../nbs/19_review.ipynb #c2a602fb
+# %% ../nbs/19_review.ipynb #f9d8b633
 class Review:
     "The chat generations of one or more review stores as a grid: prompts (`dataset/record_id`) × versions (`run @ step`)."
     def __init__(self, runs, # a run directory or review-store JSONL, or a list of them (one per run)
@@ -151,7 +151,7 @@ class Review:
         return (f"Review({len(self.labels)} run(s): {', '.join(self.labels)}; {len(self.prompts)} prompts × {len(self.versions)} versions; "
                 f"metrics: {', '.join(self.metrics)})")
 
-# %% ../nbs/19_review.ipynb #f5f98e90
+# %% ../nbs/19_review.ipynb #9da979ed
 _WORD = re.compile(r"\s+|[^\s]+")
 
 def word_diff(a:str, # the earlier answer
@@ -179,7 +179,7 @@ def diff_html(a:str, # the earlier answer
     tag = {" ": "span", "-": "del", "+": "ins"}
     return "<span class='rv-diff'>" + "".join(f"<{tag[o]}>{html.escape(t)}</{tag[o]}>" for o, t in word_diff(a, b)) + "</span>"
 
-# %% ../nbs/19_review.ipynb #008aec76
+# %% ../nbs/19_review.ipynb #22cdf283
 def _num(x):
     "A metric value as a float, or None where it is missing or not a number."
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
@@ -211,7 +211,7 @@ def select_prompts(review:Review, # the review
         out.append(key)
     return out
 
-# %% ../nbs/19_review.ipynb #cf6681ae
+# %% ../nbs/19_review.ipynb #26c83139
 REVIEW_CSS = """
 .rv-prompt{font-family:system-ui,sans-serif;font-size:14px} .rv-msg{margin:2px 0} .rv-role{font-weight:600;color:#555}
 .rv-ref{background:#eef6ee;padding:4px 8px;border-radius:4px;margin:6px 0}
@@ -234,7 +234,7 @@ def _messages_html(msgs:list) -> str:
     return "".join(f"<div class='rv-msg'><span class='rv-role'>{html.escape(str(m.get('role', '?')))}:</span> "
                    f"{html.escape(str(m.get('content', '')))}</div>" for m in msgs)
 
-# %% ../nbs/19_review.ipynb #6afcfb76
+# %% ../nbs/19_review.ipynb #14f4534e
 def prompt_html(review:Review, # the review
                 key:str, # the prompt (`dataset/record_id`)
                 versions:list=None, # the columns; None: every version
@@ -259,7 +259,7 @@ def prompt_html(review:Review, # the review
     if ca and cb: out.append(f"<div><b>{html.escape(a)} → {html.escape(b)}:</b> {diff_html(ca['answer'], cb['answer'])}</div>")
     return "".join(out) + "</div>"
 
-# %% ../nbs/19_review.ipynb #25b11ef1
+# %% ../nbs/19_review.ipynb #a04d6356
 def metric_curves_svg(review:Review, # the review
                       metric:str, # the metric to draw
                       key:str=None, # a prompt whose own values are drawn too (dashed)
