@@ -6,13 +6,13 @@
 __all__ = ['RATINGS_NAME', 'PAIRS_NAME', 'KTO_NAME', 'LOCK_NAME', 'locked', 'RatingStore', 'item_of', 'verdict_of', 'agreement',
            'rated_keys', 'ratings_html', 'agreement_html']
 
-# %% ../nbs/19a_ratings.ipynb #db8b9ed9
+# %% ../nbs/19a_ratings.ipynb #cac421bd
 import contextlib, fcntl, os, time, uuid
 from pathlib import Path
 from .review_store import append_records, read_review_store
 from .settings import did_you_mean
 
-# %% ../nbs/19a_ratings.ipynb #f500e5f1
+# %% ../nbs/19a_ratings.ipynb #725227bf
 RATINGS_NAME, PAIRS_NAME, KTO_NAME, LOCK_NAME = "ratings.jsonl", "pair_preferences.jsonl", "kto.jsonl", ".lock"
 
 @contextlib.contextmanager
@@ -33,7 +33,7 @@ def _gen(c:dict) -> dict:
 
 def _bot(text:str) -> dict: return {"role": "bot", "content": text}
 
-# %% ../nbs/19a_ratings.ipynb #e0d58f55
+# %% ../nbs/19a_ratings.ipynb #5baddb1c
 def _check(reviewer, context, gens:list) -> str:
     "The reviewer's name, stripped; `ValueError` (one line) for a missing name, prompt or answer."
     if not isinstance(reviewer, str) or not reviewer.strip():
@@ -68,7 +68,7 @@ class RatingStore:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z",
                 "note": str(note or ""), "prompt_key": prompt_key, "context": context}
 
-# %% ../nbs/19a_ratings.ipynb #e514fd2f
+# %% ../nbs/19a_ratings.ipynb #e6343acb
 def _rate_pair(self, reviewer:str, # who rates (shown beside the rating)
                context:list, # the prompt's messages (the review store's `prompt`)
                a:dict, # generation A (a `Review` cell: `answer`, `run`, `step`, `version`, `answer_id`)
@@ -105,7 +105,7 @@ def _ratings(self) -> list:
 
 RatingStore.rate_pair, RatingStore.mark, RatingStore.ratings = _rate_pair, _mark, _ratings
 
-# %% ../nbs/19a_ratings.ipynb #16e87c0a
+# %% ../nbs/19a_ratings.ipynb #d45032ee
 def _hammer(directory:str, # the ratings directory
             reviewer:str, # this writer's name
             n:int, # ratings to write
@@ -117,7 +117,7 @@ def _hammer(directory:str, # the ratings directory
         s.rate_pair(reviewer, ctx, {"answer": f"{reviewer} answer {i} A"}, {"answer": f"{reviewer} answer {i} B"}, "ab"[i % 2],
                     note=f"{reviewer}:{i}:" + "x" * note_chars, prompt_key=f"{reviewer}/{i}")
 
-# %% ../nbs/19a_ratings.ipynb #1910ac63
+# %% ../nbs/19a_ratings.ipynb #bfb54232
 def _gid(g:dict) -> tuple: return (g.get("run"), g.get("step"), g.get("answer_id"), g.get("answer"))
 
 def item_of(rating:dict, # a rating (`RatingStore.ratings`)
@@ -149,7 +149,7 @@ def agreement(ratings:list, # ratings (`RatingStore.ratings`)
     return {"items": len(shared), "rate": agree / n if n else None, "by_pair": by_pair,
             "split": [i for i, v in shared.items() if len(set(v.values())) > 1]}
 
-# %% ../nbs/19a_ratings.ipynb #4608aaff
+# %% ../nbs/19a_ratings.ipynb #3d762c76
 def rated_keys(ratings:list, # ratings (`RatingStore.ratings`)
                reviewer:str, # whose ratings count; '' or None: anyone's
                a:str, # side A's version
@@ -163,7 +163,7 @@ def rated_keys(ratings:list, # ratings (`RatingStore.ratings`)
         if (r["kind"] == "pair" and vs == want) or (r["kind"] == "mark" and vs <= want): out.add(r["prompt_key"])
     return out
 
-# %% ../nbs/19a_ratings.ipynb #8bc64add
+# %% ../nbs/19a_ratings.ipynb #995276df
 def _what(r:dict) -> str:
     "A rating in words: the winner over the loser, or the mark."
     if r["kind"] == "pair":
