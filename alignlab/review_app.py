@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['default_ratings_dir', 'ReviewApp', 'serve_review', 'export_review']
 
-# %% ../nbs/19b_review_app.ipynb #c45ae544
+# %% ../nbs/19b_review_app.ipynb #16e73a00
 import html
 from pathlib import Path
 from .review import Review, REVIEW_CSS, prompt_html, metric_curves_svg, select_prompts
 from .ratings import RatingStore, rated_keys, ratings_html, agreement_html
 
-# %% ../nbs/19b_review_app.ipynb #c6fbb525
+# %% ../nbs/19b_review_app.ipynb #b5cecf10
 def default_ratings_dir(runs, # the run directories (or review-store files) under review
                        ) -> Path:
     "Where ratings go unless told: `review/` inside the first run's directory."
@@ -24,7 +24,7 @@ def _sides(review:Review) -> tuple:
     if len(review.labels) > 1: return last(review.labels[0]), last(review.labels[1])
     return review.versions[0], review.versions[-1]
 
-# %% ../nbs/19b_review_app.ipynb #e8fdd2fb
+# %% ../nbs/19b_review_app.ipynb #709ac0e1
 def _widgets(self):
     "Build the app's widgets (`ReviewApp.__init__`)."
     import panel as pn
@@ -48,7 +48,7 @@ def _widgets(self):
     self.view, self.curves = H(sizing_mode="stretch_width"), H()
     self.ratings_pane, self.b_refresh = H(sizing_mode="stretch_width"), W.Button(label="refresh ratings", width=130)
 
-# %% ../nbs/19b_review_app.ipynb #42f5df70
+# %% ../nbs/19b_review_app.ipynb #96c81403
 def _layout(self):
     "Arrange the widgets (`ReviewApp.__init__`)."
     import panel as pn
@@ -73,7 +73,7 @@ def _wire(self):
     for (s, g), btn in self.marks.items(): btn.on_click(lambda e, s=s, g=g: self.mark(s, g))
     self.b_refresh.on_click(lambda e: self.show_ratings())
 
-# %% ../nbs/19b_review_app.ipynb #c1d296a4
+# %% ../nbs/19b_review_app.ipynb #d422e14f
 class ReviewApp:
     "One review session: the widgets, the filtered prompts, the ratings it writes. Display it in Jupyter, or `.servable()` it."
     def __init__(self, runs, # run directories (or review-store files), or a `Review`
@@ -85,7 +85,7 @@ class ReviewApp:
         pn.extension()
         self.review = runs if isinstance(runs, Review) else Review(runs, labels)
         paths = list(self.review.paths.values())
-        self.store = RatingStore(ratings_dir or default_ratings_dir(paths[0].parent if paths[0].name == "cherry_picks.jsonl" else paths[0]))
+        self.store = RatingStore(ratings_dir or default_ratings_dir(paths[0]))  # paths[0] is the first store: its directory's review/
         self.reviewer, self.keys = reviewer, []
         _widgets(self); self.layout = _layout(self); _wire(self)
         self._who(); self.refilter(); self.show_ratings()
@@ -105,7 +105,7 @@ class ReviewApp:
         self.whoami.object = (f"<div class='rv-whoami'>reviewing as <b>{html.escape(self.who)}</b></div>" if self.who
                               else "<div class='rv-whoami rv-warn'>enter your name to rate</div>")
 
-# %% ../nbs/19b_review_app.ipynb #0ba5cd38
+# %% ../nbs/19b_review_app.ipynb #80ca7829
 def _refilter(self):
     "Recompute the prompts that pass the filters; keep the current prompt where it still passes."
     m = None if self.w_metric.value == "(none)" else self.w_metric.value
@@ -139,7 +139,7 @@ def _move(self, by:int, # +1: next prompt, -1: previous (wrapping around)
 
 ReviewApp.refilter, ReviewApp.render, ReviewApp.move = _refilter, _render, _move
 
-# %% ../nbs/19b_review_app.ipynb #a5328627
+# %% ../nbs/19b_review_app.ipynb #7b7b0c7d
 def _say(self, ok:bool, text:str):
     "Show the outcome of a rating under the buttons."
     self.status.object = f"<div class='rv-status {'rv-ok' if ok else 'rv-warn'}'>{html.escape(text)}</div>"
@@ -154,7 +154,9 @@ def _rate_pair(self, winner:str, # 'a' or 'b'
     except ValueError as e: return _say(self, False, str(e))
     _say(self, True, f"saved {r['id']}: {self.who} prefers {r[winner]['version']} on {key}")
     self.w_note.value = self.w_note.value_input = ""
-    self.show_ratings(); self.move(1) if not self.w_unrated.value else self.refilter()
+    self.show_ratings()
+    if self.w_unrated.value: self.refilter()  # the rated prompt leaves the list
+    else: self.move(1)
 
 def _mark(self, side:str, # 'a' or 'b'
           good:bool, # True: good, False: bad
@@ -176,7 +178,7 @@ def _show_ratings(self):
 
 ReviewApp.rate_pair, ReviewApp.mark, ReviewApp.show_ratings = _rate_pair, _mark, _show_ratings
 
-# %% ../nbs/19b_review_app.ipynb #5e7184ca
+# %% ../nbs/19b_review_app.ipynb #dae747d1
 def serve_review(runs:list, # the run directories (or review-store files)
                  address:str="127.0.0.1", # the interface to listen on (127.0.0.1: this machine only)
                  port:int=5006, # the port; 0: a free one
@@ -190,12 +192,13 @@ def serve_review(runs:list, # the run directories (or review-store files)
     from alignlab.browser import free_port
     Review(runs, labels)  # validate before serving
     d, port = Path(ratings_dir or default_ratings_dir(runs)), port or free_port()
-    origins = [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
+    # the browser's Origin must be allowed: this machine's names; any host when serving on every interface (asked for on purpose)
+    origins = ["*"] if address in ("0.0.0.0", "::") else [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
     print(f"alignlab review: http://{address}:{port}/review (ratings: {d})", flush=True)
     return pn.serve({"review": lambda: ReviewApp(runs, d, labels=labels).layout}, address=address, port=port, websocket_origin=origins,
                     show=show, start=start, title="alignlab review", verbose=False)
 
-# %% ../nbs/19b_review_app.ipynb #112722b2
+# %% ../nbs/19b_review_app.ipynb #8dbc6d60
 def export_review(runs, # run directories (or review-store files), or a `Review`
                   path, # the HTML file to write
                   a:str=None, # side A's version; None: as the app starts
@@ -207,7 +210,7 @@ def export_review(runs, # run directories (or review-store files), or a `Review`
     rv = runs if isinstance(runs, Review) else Review(runs, labels)
     a0, b0 = _sides(rv); a, b = a or a0, b or b0
     for v in (a, b): select_prompts(rv, v)  # an unknown version: one line
-    rs = RatingStore(ratings_dir or default_ratings_dir(list(rv.paths.values())[0].parent)).ratings()
+    rs = RatingStore(ratings_dir or default_ratings_dir(list(rv.paths.values())[0])).ratings()
     first = lambda k: html.escape(str((rv.prompts[k]["prompt"] or [{}])[-1].get("content", ""))[:90])
     body = [f"<h2>Cherry-pick review</h2><div class='rv-muted'>{html.escape(repr(rv))}; A = {html.escape(a)}, B = {html.escape(b)}</div>",
             "<h3>Metrics over steps</h3>", *(metric_curves_svg(rv, m) for m in rv.metrics[:6]), "<h3>Prompts</h3>"]

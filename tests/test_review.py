@@ -234,3 +234,11 @@ def test_static_export_opens_offline(runs, page, tmp_path):
     page.locator("details.rv-item summary").first.click()
     expect(page.locator("details.rv-item").first.locator("th.rv-a")).to_contain_text("(A)")
     assert asked == []
+
+
+def test_cli_bad_run_dir_is_one_line(tmp_path, capsys):
+    from alignlab.cli import main
+    assert main(["review", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"alignlab review: error: {tmp_path}: no review store; expected a run directory holding cherry_picks.jsonl " \
+                  "(a run trained with cherry_pick_settings) or that JSONL file", err
