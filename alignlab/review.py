@@ -6,13 +6,13 @@
 __all__ = ['REVIEW_CSS', 'demo_runs', 'Review', 'word_diff', 'diff_html', 'select_prompts', 'prompt_html', 'svg_lines',
            'metric_curves_svg']
 
-# %% ../nbs/19_review.ipynb #e8276ae9
+# %% ../nbs/19_review.ipynb #105c69e8
 import difflib, html, io, re
 from pathlib import Path
 from .review_store import STORE_NAME, read_review_store
 from .data import DataError
 
-# %% ../nbs/19_review.ipynb #2848a731
+# %% ../nbs/19_review.ipynb #cc429133
 def _demo_settings(n_prompts:int) -> dict:
     "The cherry-pick settings of `demo_runs`: greedy answers to the zoo's held-out chat prompts, three metrics."
     from alignlab import zoo
@@ -73,7 +73,7 @@ def demo_runs(root=None, # where the runs are written (one sub-directory each, s
                 shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
     return [out / n for n in runs]
 
-# %% ../nbs/19_review.ipynb #de83a7fd
+# %% ../nbs/19_review.ipynb #22881d4e
 def _store_path(p) -> Path:
     "The review store of a run directory (or the JSONL given); a one-line `DataError` where there is none."
     p = Path(p)
@@ -98,7 +98,7 @@ def _version(run:str, step:int, k:int, many:bool) -> str:
     "A version's name: `run @ step`, with `#k` where the run stored several answers per prompt and step."
     return f"{run} @ {step}" + (f" #{k}" if many else "")
 
-# %% ../nbs/19_review.ipynb #42308023
+# %% ../nbs/19_review.ipynb #ea1d6e4e
 class Review:
     "The chat generations of one or more review stores as a grid: prompts (`dataset/record_id`) × versions (`run @ step`)."
     def __init__(self, runs, # a run directory or review-store JSONL, or a list of them (one per run)
@@ -152,7 +152,7 @@ class Review:
         return (f"Review({len(self.labels)} run(s): {', '.join(self.labels)}; {len(self.prompts)} prompts × {len(self.versions)} versions; "
                 f"metrics: {', '.join(self.metrics)})")
 
-# %% ../nbs/19_review.ipynb #a00ded48
+# %% ../nbs/19_review.ipynb #3c27a4c0
 _WORD = re.compile(r"\s+|[^\s]+")
 
 def word_diff(a:str, # the earlier answer
@@ -180,7 +180,7 @@ def diff_html(a:str, # the earlier answer
     tag = {" ": "span", "-": "del", "+": "ins"}
     return "<span class='rv-diff'>" + "".join(f"<{tag[o]}>{html.escape(t)}</{tag[o]}>" for o, t in word_diff(a, b)) + "</span>"
 
-# %% ../nbs/19_review.ipynb #b926498b
+# %% ../nbs/19_review.ipynb #ced0d83e
 def _num(x):
     "A metric value as a float, or None where it is missing or not a number."
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
@@ -212,7 +212,7 @@ def select_prompts(review:Review, # the review
         out.append(key)
     return out
 
-# %% ../nbs/19_review.ipynb #c887dbbd
+# %% ../nbs/19_review.ipynb #d701f5f8
 REVIEW_CSS = """
 .rv-prompt{font-family:system-ui,sans-serif;font-size:14px} .rv-msg{margin:2px 0} .rv-role{font-weight:600;color:#555}
 .rv-ref{background:#eef6ee;padding:4px 8px;border-radius:4px;margin:6px 0}
@@ -235,7 +235,7 @@ def _messages_html(msgs:list) -> str:
     return "".join(f"<div class='rv-msg'><span class='rv-role'>{html.escape(str(m.get('role', '?')))}:</span> "
                    f"{html.escape(str(m.get('content', '')))}</div>" for m in msgs)
 
-# %% ../nbs/19_review.ipynb #4fceac4e
+# %% ../nbs/19_review.ipynb #2fad1a96
 def prompt_html(review:Review, # the review
                 key:str, # the prompt (`dataset/record_id`)
                 versions:list=None, # the columns; None: every version
@@ -260,7 +260,7 @@ def prompt_html(review:Review, # the review
     if ca and cb: out.append(f"<div><b>{html.escape(a)} → {html.escape(b)}:</b> {diff_html(ca['answer'], cb['answer'])}</div>")
     return "".join(out) + "</div>"
 
-# %% ../nbs/19_review.ipynb #f03d5bce
+# %% ../nbs/19_review.ipynb #b554e69c
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 def svg_lines(series:list, # `(label, color, xs, ys, dashed)` per line; a y of None leaves a gap
@@ -299,7 +299,7 @@ def svg_lines(series:list, # `(label, color, xs, ys, dashed)` per line; a y of N
                    f"<text x='{width - R + 40}' y='{ly + 4}'>{html.escape(label)}</text>")
     return "".join(out) + "</svg>"
 
-# %% ../nbs/19_review.ipynb #5c09dd0c
+# %% ../nbs/19_review.ipynb #6a498aca
 def metric_curves_svg(review:Review, # the review
                       metric:str, # the metric to draw
                       key:str=None, # a prompt whose own values are drawn too (dashed)

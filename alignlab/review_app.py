@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['default_ratings_dir', 'ReviewApp', 'serve_review', 'export_review']
 
-# %% ../nbs/19b_review_app.ipynb #16e73a00
+# %% ../nbs/19b_review_app.ipynb #b5639b15
 import html
 from pathlib import Path
 from .review import Review, REVIEW_CSS, prompt_html, metric_curves_svg, select_prompts
 from .ratings import RatingStore, rated_keys, ratings_html, agreement_html
 
-# %% ../nbs/19b_review_app.ipynb #b5cecf10
+# %% ../nbs/19b_review_app.ipynb #60f8593d
 def default_ratings_dir(runs, # the run directories (or review-store files) under review
                        ) -> Path:
     "Where ratings go unless told: `review/` inside the first run's directory."
@@ -24,7 +24,7 @@ def _sides(review:Review) -> tuple:
     if len(review.labels) > 1: return last(review.labels[0]), last(review.labels[1])
     return review.versions[0], review.versions[-1]
 
-# %% ../nbs/19b_review_app.ipynb #709ac0e1
+# %% ../nbs/19b_review_app.ipynb #5d4b91d5
 def _widgets(self):
     "Build the app's widgets (`ReviewApp.__init__`)."
     import panel as pn
@@ -48,7 +48,7 @@ def _widgets(self):
     self.view, self.curves = H(sizing_mode="stretch_width"), H()
     self.ratings_pane, self.b_refresh = H(sizing_mode="stretch_width"), W.Button(label="refresh ratings", width=130)
 
-# %% ../nbs/19b_review_app.ipynb #96c81403
+# %% ../nbs/19b_review_app.ipynb #695226c5
 def _layout(self):
     "Arrange the widgets (`ReviewApp.__init__`)."
     import panel as pn
@@ -73,7 +73,7 @@ def _wire(self):
     for (s, g), btn in self.marks.items(): btn.on_click(lambda e, s=s, g=g: self.mark(s, g))
     self.b_refresh.on_click(lambda e: self.show_ratings())
 
-# %% ../nbs/19b_review_app.ipynb #d422e14f
+# %% ../nbs/19b_review_app.ipynb #8e1e27c6
 class ReviewApp:
     "One review session: the widgets, the filtered prompts, the ratings it writes. Display it in Jupyter, or `.servable()` it."
     def __init__(self, runs, # run directories (or review-store files), or a `Review`
@@ -105,7 +105,7 @@ class ReviewApp:
         self.whoami.object = (f"<div class='rv-whoami'>reviewing as <b>{html.escape(self.who)}</b></div>" if self.who
                               else "<div class='rv-whoami rv-warn'>enter your name to rate</div>")
 
-# %% ../nbs/19b_review_app.ipynb #80ca7829
+# %% ../nbs/19b_review_app.ipynb #7ae5451c
 def _refilter(self):
     "Recompute the prompts that pass the filters; keep the current prompt where it still passes."
     m = None if self.w_metric.value == "(none)" else self.w_metric.value
@@ -139,7 +139,7 @@ def _move(self, by:int, # +1: next prompt, -1: previous (wrapping around)
 
 ReviewApp.refilter, ReviewApp.render, ReviewApp.move = _refilter, _render, _move
 
-# %% ../nbs/19b_review_app.ipynb #7b7b0c7d
+# %% ../nbs/19b_review_app.ipynb #4500b1cb
 def _say(self, ok:bool, text:str):
     "Show the outcome of a rating under the buttons."
     self.status.object = f"<div class='rv-status {'rv-ok' if ok else 'rv-warn'}'>{html.escape(text)}</div>"
@@ -178,7 +178,7 @@ def _show_ratings(self):
 
 ReviewApp.rate_pair, ReviewApp.mark, ReviewApp.show_ratings = _rate_pair, _mark, _show_ratings
 
-# %% ../nbs/19b_review_app.ipynb #dae747d1
+# %% ../nbs/19b_review_app.ipynb #a913c95d
 def serve_review(runs:list, # the run directories (or review-store files)
                  address:str="127.0.0.1", # the interface to listen on (127.0.0.1: this machine only)
                  port:int=5006, # the port; 0: a free one
@@ -198,7 +198,7 @@ def serve_review(runs:list, # the run directories (or review-store files)
     return pn.serve({"review": lambda: ReviewApp(runs, d, labels=labels).layout}, address=address, port=port, websocket_origin=origins,
                     show=show, start=start, title="alignlab review", verbose=False)
 
-# %% ../nbs/19b_review_app.ipynb #8dbc6d60
+# %% ../nbs/19b_review_app.ipynb #79c8a10c
 def export_review(runs, # run directories (or review-store files), or a `Review`
                   path, # the HTML file to write
                   a:str=None, # side A's version; None: as the app starts
