@@ -159,6 +159,7 @@ def test_review_app_in_chromium(runs, page, tmp_path):
         expect(page.locator(".rv-whoami")).to_contain_text("reviewing as ana")
         page.get_by_placeholder("note (optional)").fill("blank answers after the jump")
         page.wait_for_timeout(300)
+        assert rv.get(second, "lr-3e-3 @ 0")["answer"].strip() != rv.get(second, "lr-2e-2 @ 6")["answer"].strip(), "equal answers: nothing to rate"
         page.get_by_role("button", name="B is better").click()
         expect(page.locator(".rv-status")).to_contain_text("saved rating-", timeout=30000)
         expect(page.locator(".rv-ratings")).to_contain_text("ana")
@@ -188,6 +189,9 @@ def test_eight_browser_sessions_rate_at_once(runs, tmp_path):
     from alignlab.browser import chromium_path, CHROMIUM_ARGS
     if not chromium_path(): pytest.skip("chromium is not installed")
     n_pages, rounds = 8, 5
+    rv = Review(runs)
+    differ = len(select_prompts(rv, "lr-3e-3 @ 6", "lr-2e-2 @ 6", disagree=True))  # the app's starting sides
+    assert differ >= 1, "the demo runs' last steps answer alike: no pair to rate"
     with served(runs, tmp_path / "ratings") as url, sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
         try:
@@ -197,6 +201,8 @@ def test_eight_browser_sessions_rate_at_once(runs, tmp_path):
                 expect(p.locator(".rv-prompt")).to_be_visible(timeout=90000)
                 p.get_by_placeholder("your name").fill(f"rev{i}")
             for i, p in enumerate(pages): expect(p.locator(".rv-whoami")).to_contain_text(f"reviewing as rev{i}", timeout=30000)
+            for p in pages: p.get_by_text("only where A and B disagree").click()  # a pair of equal answers is refused, not rated
+            for p in pages: expect(p.locator(".rv-count")).to_contain_text(f"of {differ} prompt(s)", timeout=30000)
             for _ in range(rounds):
                 for p in pages: p.get_by_role("button", name="A is better").click()
             f = tmp_path / "ratings" / RATINGS_NAME
@@ -207,7 +213,7 @@ def test_eight_browser_sessions_rate_at_once(runs, tmp_path):
     assert len(rs) == n_pages * rounds and len({r["id"] for r in rs}) == len(rs)
     for i in range(n_pages):
         mine = [r for r in rs if r["reviewer"] == f"rev{i}"]
-        assert len(mine) == rounds and len({r["prompt_key"] for r in mine}) == rounds
+        assert len(mine) == rounds and len({r["prompt_key"] for r in mine}) == min(rounds, differ)
     assert [p["id"] for p in _read_lines(tmp_path / "ratings" / PAIRS_NAME)] == [r["id"] for r in rs]
 
 
@@ -217,9 +223,10 @@ def test_static_export_opens_offline(runs, page, tmp_path):
     from playwright.sync_api import expect
     s = RatingStore(tmp_path / "ratings")
     rv = Review(runs)
-    key = list(rv.prompts)[0]
+    key, (a, b) = next((k, (a, b)) for k in rv.prompts for a in rv.versions for b in rv.versions
+                       if rv.get(k, a)["answer"].strip() != rv.get(k, b)["answer"].strip())
     for who, w in (("ana", "a"), ("bo", "a"), ("cy", "b")):
-        s.rate_pair(who, rv.prompts[key]["prompt"], rv.get(key, "lr-3e-3 @ 6"), rv.get(key, "lr-2e-2 @ 6"), w, prompt_key=key)
+        s.rate_pair(who, rv.prompts[key]["prompt"], rv.get(key, a), rv.get(key, b), w, prompt_key=key)
     out = tmp_path / "share" / "review.html"
     r = subprocess.run([sys.executable, "-m", "alignlab", "review", *map(str, runs), "--ratings_dir", str(tmp_path / "ratings"), "--export", str(out)],
                        capture_output=True, text=True, timeout=120)
