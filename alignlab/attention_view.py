@@ -7,7 +7,7 @@ __all__ = ['rag_parts', 'with_docs', 'answer_ce', 'retrieval_utility', 'eager_at
            'head_grid_html', 'tokens_heatmap_html', 'utility_html', 'cost_line', 'attention_view', 'load_run',
            'attention_app']
 
-# %% ../nbs/17d_attention_view.ipynb #068f33ea
+# %% ../nbs/17d_attention_view.ipynb #32949efc
 import contextlib, html, json, time
 from pathlib import Path
 from .templates import LLAMA3, ChatTemplate, IGNORE_INDEX, encode, sample_html
@@ -15,7 +15,7 @@ from .inspect.tokens import DOC_SEP, doc_spans
 from .rag_records import split_rag_prompt
 from .data import DataError
 
-# %% ../nbs/17d_attention_view.ipynb #d3be6581
+# %% ../nbs/17d_attention_view.ipynb #c01744ed
 def rag_parts(record:dict, # a doc_sep chat record (`rag_records.rag_record`): the last turn is the gold answer
               doc_sep:str=DOC_SEP, # the separator token
              ) -> tuple:
@@ -38,7 +38,7 @@ def with_docs(record:dict, # a doc_sep chat record
     msgs[i]["content"] = query + "".join(doc_sep + docs[k] for k in keep)
     return msgs
 
-# %% ../nbs/17d_attention_view.ipynb #fea67246
+# %% ../nbs/17d_attention_view.ipynb #f62e2fe1
 def answer_ce(model, # a causal LM
               tokenizer, # its tokenizer
               messages:list, # a chat ending with the gold bot turn
@@ -64,7 +64,7 @@ def retrieval_utility(model, # a causal LM
     try: return {name: answer_ce(model, tokenizer, with_docs(record, keep, doc_sep), template) for name, keep in keeps.items()}
     finally: model.train(was)
 
-# %% ../nbs/17d_attention_view.ipynb #a090cd62
+# %% ../nbs/17d_attention_view.ipynb #293863cc
 @contextlib.contextmanager
 def eager_attention(model, # a transformers model (or a peft model around one)
                    ):
@@ -86,7 +86,7 @@ def attention_mass(attentions, # per layer (1, heads, T, T), as `output_attentio
     A = A[:, :, rows, :].float()
     return torch.stack([A[..., a:b].sum(-1) for a, b in spans], dim=2)
 
-# %% ../nbs/17d_attention_view.ipynb #5e2b1cbc
+# %% ../nbs/17d_attention_view.ipynb #6f2b8179
 def attention_report(record:dict, # a doc_sep chat record ending with the gold answer
                      model, # a causal LM
                      tokenizer, # its tokenizer, with the doc_sep token
@@ -116,7 +116,7 @@ def attention_report(record:dict, # a doc_sep chat record ending with the gold a
     return dict(id=record.get("id", "?"), sample=s, spans=spans, answer=answer, answer_tokens=[s.tokens[t] for t in answer],
                 mass=mass.numpy(), utility=retrieval_utility(model, tokenizer, record, template, doc_sep), cost=cost)
 
-# %% ../nbs/17d_attention_view.ipynb #825670e9
+# %% ../nbs/17d_attention_view.ipynb #9dcaf39a
 def _cell(v:float, vmax:float, tip:str, picked:bool=False) -> str:
     a = 0.0 if vmax <= 0 else max(0.0, min(1.0, v / vmax))
     return (f'<td class="cell{" picked" if picked else ""}" title="{html.escape(tip)}" data-value="{v:.4f}" style="background:rgba(21,101,192,{a:.3f});{"outline:2px solid #e65100;" if picked else ""}'
@@ -164,7 +164,7 @@ def tokens_heatmap_html(report:dict, # `attention_report`'s result
             f'(read where it is predicted) on each document; "elsewhere" is the question, the template and the answer so far'
             f'<table style="border-collapse:collapse">{"".join(rows)}</table></div>')
 
-# %% ../nbs/17d_attention_view.ipynb #f7093441
+# %% ../nbs/17d_attention_view.ipynb #c49fbd9f
 def utility_html(report:dict, # `attention_report`'s result
                 ) -> str:
     "Retrieval utility: the gold answer's cross-entropy with no documents, all, and each alone; utility = CE(none) − CE(with)."
@@ -181,7 +181,7 @@ def cost_line(report:dict, # `attention_report`'s result
     return (f"eager attention, only for this forward: {c['eager_ms']:.1f} ms against sdpa's {c['sdpa_ms']:.1f} ms for {c['tokens']} tokens; "
             f"the attention weights it returned hold {c['attention_bytes'] / 1024:,.0f} KiB (layers × heads × tokens² floats)")
 
-# %% ../nbs/17d_attention_view.ipynb #03f161b3
+# %% ../nbs/17d_attention_view.ipynb #8ae716f3
 def attention_view(record:dict, # a doc_sep chat record ending with the gold answer
                    model, # a causal LM (any attention implementation: eager is switched on for one forward)
                    tokenizer, # its tokenizer, with the doc_sep token
@@ -205,7 +205,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
                      pn.Row(w_layer, w_head, w_doc), pn.Row(grid, pn.pane.HTML(utility_html(r))), heat,
                      pn.pane.HTML(f'<div class="cost" style="color:#555">{html.escape(cost_line(r))}</div>'), sizing_mode="stretch_width")
 
-# %% ../nbs/17d_attention_view.ipynb #3479eee8
+# %% ../nbs/17d_attention_view.ipynb #c8763ff5
 def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.json and final/)
             ) -> tuple:
     "`(model, tokenizer, template, records)`: the trained model (its adapter on the base), the run's template, and its val (else train) records."
@@ -223,13 +223,9 @@ def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.j
     ds = s.val_dataset_settings or s.train_dataset_settings
     return model.eval(), tok, ds.prompt_template.template, list(read_records(ds, name="val" if s.val_dataset_settings else "train"))
 
-def attention_app(run_dir, # a run directory (`load_run`)
-                  record=0, # the record: an index into the run's val (else train) records, or a record id
-                  records=None, # another chat JSONL to take the record from; None: the run's own
-                  doc_sep:str=DOC_SEP, # the separator token
-                 ):
-    "The attention view of one record for a trained run: a Panel object (call `.servable()` under `panel serve`)."
-    model, tok, template, recs = load_run(run_dir)
+def _run_view(run_dir, record, records, doc_sep):
+    import panel as pn
+    model, tok, template, recs = pn.state.as_cached(f"alignlab-attention-{Path(run_dir).resolve()}", load_run, run_dir=str(run_dir))
     if records is not None: recs = [json.loads(l) for l in Path(records).read_text().splitlines() if l.strip()]
     ids = [str(r.get("id")) for r in recs]
     if isinstance(record, str) and not record.isdigit():
@@ -237,3 +233,23 @@ def attention_app(run_dir, # a run directory (`load_run`)
         record = ids.index(record)
     if not 0 <= int(record) < len(recs): raise DataError(f"{records or run_dir}: record: {record} given; expected an index from 0 to {len(recs) - 1}")
     return attention_view(recs[int(record)], model, tok, template, doc_sep)
+
+def attention_app(run_dir, # a run directory (`load_run`)
+                  record=0, # the record: an index into the run's val (else train) records, or a record id
+                  records=None, # another chat JSONL to take the record from; None: the run's own
+                  doc_sep:str=DOC_SEP, # the separator token
+                  defer:bool=None, # answer at once and fill the view in after the page loads; None: when served (`panel serve`)
+                 ):
+    "The attention view of one record for a trained run: a Panel object (`.servable()` under `panel serve`); the loaded run is cached per server."
+    import panel as pn
+    from alignlab.settings import SettingsError
+    if not (Path(run_dir)/"experiment.json").exists():  # the one-line error before anything loads
+        raise SettingsError(f"{run_dir}: no experiment.json and final/ there; expected a run directory that alignlab.run.train wrote")
+    served = getattr(pn.state.curdoc, "session_context", None) is not None  # inside a server session (`pn.state.served` reads the caller's module)
+    if not (served if defer is None else defer): return _run_view(run_dir, record, records, doc_sep)
+    box = pn.Column(pn.pane.Markdown(f"loading {run_dir}, record {record} ..."), sizing_mode="stretch_width")
+    def fill():
+        try: box[:] = [_run_view(run_dir, record, records, doc_sep)]
+        except (ValueError, FileNotFoundError) as e: box[:] = [pn.pane.Alert(f"{type(e).__name__}: {e}", alert_type="danger")]
+    pn.state.onload(fill)
+    return box

@@ -62,6 +62,14 @@ def _sample(a):
     out = getattr(sampling, a.command)(a.experiment_settings_path)
     print(json.dumps({"save_path": str(out), "outputs": json.loads((out/"info.json").read_text())}, indent=1, default=str))
 
+def _attention(a):
+    import panel as pn
+    from alignlab.attention_view import attention_app
+    attention_app(a.run_dir, record=a.record, records=a.records, defer=False)  # bad input: one line before serving; the run is cached
+    print(f"attention view of record {a.record} of {a.run_dir}: http://{a.address}:{a.port}/", flush=True)
+    pn.serve(lambda: attention_app(a.run_dir, record=a.record, records=a.records), address=a.address, port=a.port, show=False,
+             title="alignlab attention", websocket_origin=[f"{a.address}:{a.port}"])
+
 def _docs(a):
     from alignlab.docs import render_site, write_readme
     if a.readme: print(f"wrote {write_readme()}")
@@ -112,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
         i.add_argument("--inference_settings_path", "--experiment_settings_path", dest="inference_settings_path", required=True,
                        help="the guide's inference JSON: inference_settings, dataset_settings, save_path")
         i.set_defaults(func=_infer)
+    v = sub.add_parser("attention", help="serve the attention-over-documents view (Panel) of one doc_sep record for a trained run")
+    v.add_argument("run_dir", help="a run directory alignlab.run.train wrote (experiment.json, final/)")
+    v.add_argument("--record", default="0", help="an index into the run's val (else train) records, or a record id")
+    v.add_argument("--records", default=None, help="take the record from this chat JSONL instead")
+    v.add_argument("--port", type=int, default=5006); v.add_argument("--address", default="127.0.0.1")
+    v.set_defaults(func=_attention)
     d = sub.add_parser("docs", help="render the docs site (Quarto if installed, else nbconvert) or the README")
     d.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb")
     d.add_argument("--no_quarto", action="store_true", help="use the nbconvert renderer even where quarto exists")
