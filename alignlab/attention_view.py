@@ -7,7 +7,7 @@ __all__ = ['rag_parts', 'with_docs', 'answer_ce', 'retrieval_utility', 'eager_at
            'head_grid_html', 'tokens_heatmap_html', 'utility_html', 'cost_line', 'attention_view', 'load_run',
            'attention_app']
 
-# %% ../nbs/17d_attention_view.ipynb #32949efc
+# %% ../nbs/17d_attention_view.ipynb #93778cd2
 import contextlib, html, json, time
 from pathlib import Path
 from .templates import LLAMA3, ChatTemplate, IGNORE_INDEX, encode, sample_html
@@ -15,7 +15,7 @@ from .inspect.tokens import DOC_SEP, doc_spans
 from .rag_records import split_rag_prompt
 from .data import DataError
 
-# %% ../nbs/17d_attention_view.ipynb #c01744ed
+# %% ../nbs/17d_attention_view.ipynb #f6763338
 def rag_parts(record:dict, # a doc_sep chat record (`rag_records.rag_record`): the last turn is the gold answer
               doc_sep:str=DOC_SEP, # the separator token
              ) -> tuple:
@@ -38,7 +38,7 @@ def with_docs(record:dict, # a doc_sep chat record
     msgs[i]["content"] = query + "".join(doc_sep + docs[k] for k in keep)
     return msgs
 
-# %% ../nbs/17d_attention_view.ipynb #f62e2fe1
+# %% ../nbs/17d_attention_view.ipynb #6242dc65
 def answer_ce(model, # a causal LM
               tokenizer, # its tokenizer
               messages:list, # a chat ending with the gold bot turn
@@ -64,7 +64,7 @@ def retrieval_utility(model, # a causal LM
     try: return {name: answer_ce(model, tokenizer, with_docs(record, keep, doc_sep), template) for name, keep in keeps.items()}
     finally: model.train(was)
 
-# %% ../nbs/17d_attention_view.ipynb #293863cc
+# %% ../nbs/17d_attention_view.ipynb #6ce23b35
 @contextlib.contextmanager
 def eager_attention(model, # a transformers model (or a peft model around one)
                    ):
@@ -86,7 +86,7 @@ def attention_mass(attentions, # per layer (1, heads, T, T), as `output_attentio
     A = A[:, :, rows, :].float()
     return torch.stack([A[..., a:b].sum(-1) for a, b in spans], dim=2)
 
-# %% ../nbs/17d_attention_view.ipynb #6f2b8179
+# %% ../nbs/17d_attention_view.ipynb #87bb77db
 def attention_report(record:dict, # a doc_sep chat record ending with the gold answer
                      model, # a causal LM
                      tokenizer, # its tokenizer, with the doc_sep token
@@ -105,18 +105,20 @@ def attention_report(record:dict, # a doc_sep chat record ending with the gold a
     was = model.training; model.eval()
     try:
         ids = torch.tensor([s.input_ids], device=model.device)
-        with torch.no_grad():
-            t0 = time.perf_counter(); model(input_ids=ids); sdpa_s = time.perf_counter() - t0
+        with torch.no_grad():  # each timed after one warm-up forward
+            model(input_ids=ids); t0 = time.perf_counter(); model(input_ids=ids); sdpa_s = time.perf_counter() - t0
             with eager_attention(model):
+                model(input_ids=ids, output_attentions=True)
                 t0 = time.perf_counter(); out = model(input_ids=ids, output_attentions=True); eager_s = time.perf_counter() - t0
         mass = attention_mass([a.cpu() for a in out.attentions], spans, [t - 1 for t in answer])
     finally: model.train(was)
-    cost = dict(tokens=len(s), sdpa_ms=1e3 * sdpa_s, eager_ms=1e3 * eager_s,
+    cost = dict(tokens=len(s), impl=(model.get_base_model() if hasattr(model, "get_base_model") else model).config._attn_implementation,
+                sdpa_ms=1e3 * sdpa_s, eager_ms=1e3 * eager_s,
                 attention_bytes=sum(a.numel() * a.element_size() for a in out.attentions))
     return dict(id=record.get("id", "?"), sample=s, spans=spans, answer=answer, answer_tokens=[s.tokens[t] for t in answer],
                 mass=mass.numpy(), utility=retrieval_utility(model, tokenizer, record, template, doc_sep), cost=cost)
 
-# %% ../nbs/17d_attention_view.ipynb #9dcaf39a
+# %% ../nbs/17d_attention_view.ipynb #ffa1b564
 def _cell(v:float, vmax:float, tip:str, picked:bool=False) -> str:
     a = 0.0 if vmax <= 0 else max(0.0, min(1.0, v / vmax))
     return (f'<td class="cell{" picked" if picked else ""}" title="{html.escape(tip)}" data-value="{v:.4f}" style="background:rgba(21,101,192,{a:.3f});{"outline:2px solid #e65100;" if picked else ""}'
@@ -164,7 +166,7 @@ def tokens_heatmap_html(report:dict, # `attention_report`'s result
             f'(read where it is predicted) on each document; "elsewhere" is the question, the template and the answer so far'
             f'<table style="border-collapse:collapse">{"".join(rows)}</table></div>')
 
-# %% ../nbs/17d_attention_view.ipynb #c49fbd9f
+# %% ../nbs/17d_attention_view.ipynb #7336e61f
 def utility_html(report:dict, # `attention_report`'s result
                 ) -> str:
     "Retrieval utility: the gold answer's cross-entropy with no documents, all, and each alone; utility = CE(none) − CE(with)."
@@ -178,10 +180,11 @@ def cost_line(report:dict, # `attention_report`'s result
              ) -> str:
     "What eager attention cost for this sample: its forward time against sdpa's, and the attention weights it returned."
     c = report["cost"]
-    return (f"eager attention, only for this forward: {c['eager_ms']:.1f} ms against sdpa's {c['sdpa_ms']:.1f} ms for {c['tokens']} tokens; "
+    return (f"eager attention, only for the forward that returns the weights: {c['eager_ms']:.1f} ms against {c['sdpa_ms']:.1f} ms with the "
+            f"model's own attention ({c['impl']}) for {c['tokens']} tokens; "
             f"the attention weights it returned hold {c['attention_bytes'] / 1024:,.0f} KiB (layers × heads × tokens² floats)")
 
-# %% ../nbs/17d_attention_view.ipynb #8ae716f3
+# %% ../nbs/17d_attention_view.ipynb #5343f340
 def attention_view(record:dict, # a doc_sep chat record ending with the gold answer
                    model, # a causal LM (any attention implementation: eager is switched on for one forward)
                    tokenizer, # its tokenizer, with the doc_sep token
@@ -205,7 +208,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
                      pn.Row(w_layer, w_head, w_doc), pn.Row(grid, pn.pane.HTML(utility_html(r))), heat,
                      pn.pane.HTML(f'<div class="cost" style="color:#555">{html.escape(cost_line(r))}</div>'), sizing_mode="stretch_width")
 
-# %% ../nbs/17d_attention_view.ipynb #c8763ff5
+# %% ../nbs/17d_attention_view.ipynb #a97b8270
 def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.json and final/)
             ) -> tuple:
     "`(model, tokenizer, template, records)`: the trained model (its adapter on the base), the run's template, and its val (else train) records."
