@@ -7,7 +7,7 @@ __all__ = ['rag_parts', 'with_docs', 'answer_ce', 'retrieval_utility', 'eager_at
            'head_grid_html', 'tokens_heatmap_html', 'utility_html', 'cost_line', 'attention_view', 'load_run',
            'attention_app']
 
-# %% ../nbs/17d_attention_view.ipynb #93778cd2
+# %% ../nbs/17d_attention_view.ipynb #9590446b
 import contextlib, html, json, time
 from pathlib import Path
 from .templates import LLAMA3, ChatTemplate, IGNORE_INDEX, encode, sample_html
@@ -15,7 +15,7 @@ from .inspect.tokens import DOC_SEP, doc_spans
 from .rag_records import split_rag_prompt
 from .data import DataError
 
-# %% ../nbs/17d_attention_view.ipynb #f6763338
+# %% ../nbs/17d_attention_view.ipynb #50fa7a37
 def rag_parts(record:dict, # a doc_sep chat record (`rag_records.rag_record`): the last turn is the gold answer
               doc_sep:str=DOC_SEP, # the separator token
              ) -> tuple:
@@ -38,7 +38,7 @@ def with_docs(record:dict, # a doc_sep chat record
     msgs[i]["content"] = query + "".join(doc_sep + docs[k] for k in keep)
     return msgs
 
-# %% ../nbs/17d_attention_view.ipynb #6242dc65
+# %% ../nbs/17d_attention_view.ipynb #74f088fe
 def answer_ce(model, # a causal LM
               tokenizer, # its tokenizer
               messages:list, # a chat ending with the gold bot turn
@@ -64,7 +64,7 @@ def retrieval_utility(model, # a causal LM
     try: return {name: answer_ce(model, tokenizer, with_docs(record, keep, doc_sep), template) for name, keep in keeps.items()}
     finally: model.train(was)
 
-# %% ../nbs/17d_attention_view.ipynb #6ce23b35
+# %% ../nbs/17d_attention_view.ipynb #8f830d70
 @contextlib.contextmanager
 def eager_attention(model, # a transformers model (or a peft model around one)
                    ):
@@ -86,7 +86,7 @@ def attention_mass(attentions, # per layer (1, heads, T, T), as `output_attentio
     A = A[:, :, rows, :].float()
     return torch.stack([A[..., a:b].sum(-1) for a, b in spans], dim=2)
 
-# %% ../nbs/17d_attention_view.ipynb #87bb77db
+# %% ../nbs/17d_attention_view.ipynb #3004c091
 def attention_report(record:dict, # a doc_sep chat record ending with the gold answer
                      model, # a causal LM
                      tokenizer, # its tokenizer, with the doc_sep token
@@ -118,7 +118,7 @@ def attention_report(record:dict, # a doc_sep chat record ending with the gold a
     return dict(id=record.get("id", "?"), sample=s, spans=spans, answer=answer, answer_tokens=[s.tokens[t] for t in answer],
                 mass=mass.numpy(), utility=retrieval_utility(model, tokenizer, record, template, doc_sep), cost=cost)
 
-# %% ../nbs/17d_attention_view.ipynb #ffa1b564
+# %% ../nbs/17d_attention_view.ipynb #d8f8f928
 def _cell(v:float, vmax:float, tip:str, picked:bool=False) -> str:
     a = 0.0 if vmax <= 0 else max(0.0, min(1.0, v / vmax))
     return (f'<td class="cell{" picked" if picked else ""}" title="{html.escape(tip)}" data-value="{v:.4f}" style="background:rgba(21,101,192,{a:.3f});{"outline:2px solid #e65100;" if picked else ""}'
@@ -166,7 +166,7 @@ def tokens_heatmap_html(report:dict, # `attention_report`'s result
             f'(read where it is predicted) on each document; "elsewhere" is the question, the template and the answer so far'
             f'<table style="border-collapse:collapse">{"".join(rows)}</table></div>')
 
-# %% ../nbs/17d_attention_view.ipynb #7336e61f
+# %% ../nbs/17d_attention_view.ipynb #0afe87b0
 def utility_html(report:dict, # `attention_report`'s result
                 ) -> str:
     "Retrieval utility: the gold answer's cross-entropy with no documents, all, and each alone; utility = CE(none) − CE(with)."
@@ -184,7 +184,7 @@ def cost_line(report:dict, # `attention_report`'s result
             f"model's own attention ({c['impl']}) for {c['tokens']} tokens; "
             f"the attention weights it returned hold {c['attention_bytes'] / 1024:,.0f} KiB (layers × heads × tokens² floats)")
 
-# %% ../nbs/17d_attention_view.ipynb #5343f340
+# %% ../nbs/17d_attention_view.ipynb #73157be3
 def attention_view(record:dict, # a doc_sep chat record ending with the gold answer
                    model, # a causal LM (any attention implementation: eager is switched on for one forward)
                    tokenizer, # its tokenizer, with the doc_sep token
@@ -208,7 +208,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
                      pn.Row(w_layer, w_head, w_doc), pn.Row(grid, pn.pane.HTML(utility_html(r))), heat,
                      pn.pane.HTML(f'<div class="cost" style="color:#555">{html.escape(cost_line(r))}</div>'), sizing_mode="stretch_width")
 
-# %% ../nbs/17d_attention_view.ipynb #a97b8270
+# %% ../nbs/17d_attention_view.ipynb #be656bcc
 def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.json and final/)
             ) -> tuple:
     "`(model, tokenizer, template, records)`: the trained model (its adapter on the base), the run's template, and its val (else train) records."

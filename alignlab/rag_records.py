@@ -6,14 +6,14 @@
 __all__ = ['DOC_SEP_INIT', 'TITLE_SEP', 'passage_text', 'rag_prompt', 'split_rag_prompt', 'rag_record', 'write_rag_records',
            'zoo_rag_triples']
 
-# %% ../nbs/17_rag_offline.ipynb #62ca56eb
+# %% ../nbs/17_rag_offline.ipynb #b6c6728c
 import json, random
 from pathlib import Path
 from .data import DataError
 from .settings import show_value
 from .inspect.tokens import DOC_SEP
 
-# %% ../nbs/17_rag_offline.ipynb #6832efe7
+# %% ../nbs/17_rag_offline.ipynb #4bf0f026
 DOC_SEP_INIT = {DOC_SEP: "Document"}  # embeddings_initialization_strategy: <doc_sep> starts as the embedding of "Document"
 TITLE_SEP = " / "  # turbo's RAGRetrievalSettings.title_sep default
 
@@ -52,7 +52,7 @@ def split_rag_prompt(content:str, # a user turn `rag_prompt` wrote
     query, *docs = content.split(doc_sep)
     return query, docs
 
-# %% ../nbs/17_rag_offline.ipynb #5fc93842
+# %% ../nbs/17_rag_offline.ipynb #a0b3b6ca
 def rag_record(query:str, # the question
                passages:list, # the pre-retrieved passages (strings or dicts with text/title/id)
                answer:str, # the gold answer (the bot turn; carries the loss)
@@ -88,7 +88,7 @@ def write_rag_records(triples, # (query, passages, answer) tuples, or dicts with
             f.write(json.dumps(rag_record(**d, **kw), ensure_ascii=False) + "\n")
     return path
 
-# %% ../nbs/17_rag_offline.ipynb #2443287a
+# %% ../nbs/17_rag_offline.ipynb #61651439
 def zoo_rag_triples(split:str="train", # 'train' or 'val' of the zoo's `rag` dataset
                     n_docs:int=3, # passages per question: the gold one and n_docs - 1 distractors
                     gold:bool=True, # include the gold passage (False: distractors only, a control)
