@@ -208,7 +208,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
                      pn.Row(w_layer, w_head, w_doc), pn.Row(grid, pn.pane.HTML(utility_html(r))), heat,
                      pn.pane.HTML(f'<div class="cost" style="color:#555">{html.escape(cost_line(r))}</div>'), sizing_mode="stretch_width")
 
-# %% ../nbs/17d_attention_view.ipynb #be656bcc
+# %% ../nbs/17d_attention_view.ipynb #34a8da81
 def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.json and final/)
             ) -> tuple:
     "`(model, tokenizer, template, records)`: the trained model (its adapter on the base), the run's template, and its val (else train) records."
