@@ -83,3 +83,21 @@ def _drive(page):
     expect(page.locator("div.head-grid td.picked")).to_have_count(1)  # the grid outlines layer 2, head 1
     title = heat.locator("td.cell").first.get_attribute("title")
     assert title.startswith("answer token 0") and "(layer 2, head 1)" in title and "on doc 1" in title  # hover text
+
+
+def test_an_adapter_run_dir_loads_and_its_attention_is_read_with_eager_then_restored(rag_run):
+    """A LoRA run (the adapter on the base, <doc_sep> added again by the run's embeddings_initialization_strategy)."""
+    from alignlab.attention_view import attention_report, load_run
+    from alignlab.experiment import Experiment
+    from alignlab.rag_records import DOC_SEP_INIT
+    d, _ = rag_run
+    (Experiment(d / "lora").model("tiny-llama", transformers_settings={"dtype": "float32"}).new_tokens(DOC_SEP_INIT)
+     .lora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).chat_dataset(train=d / "train.jsonl", val=d / "val.jsonl")
+     .trainer(max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no", eval_strategy="no")
+     .fit(progress=False))
+    model, tok, tpl, val = load_run(d / "lora")
+    assert type(model).__name__.startswith("PeftModel") and any("adapter loaded" in l for l in model.alignlab_report)
+    r = attention_report(val[0], model, tok, tpl)
+    assert r["mass"].shape[:3] == (4, 4, 3) and r["cost"]["impl"] == "sdpa"  # eager for one forward, sdpa again after
+    assert r["cost"]["attention_bytes"] == 4 * 4 * r["cost"]["tokens"] ** 2 * 4
+    assert set(r["utility"]) == {"none", "all", "doc 1", "doc 2", "doc 3"}
