@@ -11,7 +11,7 @@ from pathlib import Path
 from ..templates import LLAMA3, ChatTemplate, Sample, TruncationError, sample_html, encode, _token_spans
 from ..seams import seam_marks
 
-# %% ../../nbs/12_inspect_tokens.ipynb #a1141918
+# %% ../../nbs/12_inspect_tokens.ipynb #e1ff76f3
 DOC_SEP = "<doc_sep>"  # the guide's document separator token (offline RAG)
 
 def doc_spans(s:Sample, # a tokenized chat (`templates.encode`)
