@@ -7,15 +7,15 @@ __all__ = ['IMAGE_TOKENS', 'ClipPatches', 'CAbsLike', 'demo_parts', 'lens_parts'
            'PatchReading', 'read_patches', 'count_check', 'block_sample', 'image_blocks', 'fold_blocks',
            'loss_mask_html', 'patch_figure', 'cmap_bar', 'detail_html', 'patch_view', 'demo_view']
 
-# %% ../nbs/18d_patch_view.ipynb #e2e036f9
+# %% ../nbs/18d_patch_view.ipynb #949d4361
 import html, math
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from .templates import IGNORE_INDEX, LLAMA3, ChatTemplate, Sample, encode, sample_html
+from .templates import IGNORE_INDEX, LLAMA3, ChatTemplate, Sample, _visible, encode, sample_html
 
-# %% ../nbs/18d_patch_view.ipynb #db55809f
+# %% ../nbs/18d_patch_view.ipynb #4bbebba8
 class ClipPatches(torch.nn.Module):
     "CLIP's vision tower as a frozen encoder: pixel values `[B,3,h,w]` → penultimate-layer patch features without CLS `[B,P,D]`."
     def __init__(self, clip, # a `CLIPModel` (its `vision_model` is used) or a CLIP vision transformer
@@ -45,7 +45,7 @@ class CAbsLike(torch.nn.Module):
         y = self.pool(torch.nn.functional.silu(self.conv(x.transpose(1, 2).reshape(b, d, g, g))))
         return self.readout(y.flatten(2).transpose(1, 2))
 
-# %% ../nbs/18d_patch_view.ipynb #773710f8
+# %% ../nbs/18d_patch_view.ipynb #8915f5d8
 IMAGE_TOKENS = ("<MS>", "<img>", "</MS>")  # the guide's start token, a placeholder, the end token
 
 def demo_parts(projector:str="llava", # "llava" (an MLP per patch) or "c_abs" (conv + pooling to n)
@@ -69,7 +69,7 @@ def demo_parts(projector:str="llava", # "llava" (an MLP per patch) or "c_abs" (c
     return dict(encoder=ClipPatches(clip), projector=proj.eval(), language_model=lm, tokenizer=tok,
                 processor=CLIPImageProcessor.from_pretrained(zoo.get("tiny-clip")), n_modality_embeddings=n)
 
-# %% ../nbs/18d_patch_view.ipynb #bba88b26
+# %% ../nbs/18d_patch_view.ipynb #90045a50
 def lens_parts(lm, # a Hugging Face causal LM, or a PEFT model wrapping one
               ) -> tuple:
     "`(final norm, lm_head, input embedding matrix)` of a causal LM; a one-line `ValueError` where one is missing."
@@ -103,7 +103,7 @@ def nearest_embeddings(h:torch.Tensor, # `[N,H]` vectors of the LM's width
     c = torch.nn.functional.normalize(h.float(), dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T
     return c.topk(k, -1)
 
-# %% ../nbs/18d_patch_view.ipynb #f538007c
+# %% ../nbs/18d_patch_view.ipynb #7a01a6e3
 @torch.no_grad()
 def influence(projector, # features `[B,P,D]` → `[B,n,H]`
               features:torch.Tensor, # `[P,D]`: one image's patch features
@@ -124,7 +124,7 @@ def influence(projector, # features `[B,P,D]` → `[B,n,H]`
         cols.append(((y[1:] - y[:1]).norm(dim=-1) / dirs[idx].norm(dim=-1, keepdim=True)).T)
     return torch.cat(cols, 1)
 
-# %% ../nbs/18d_patch_view.ipynb #e1a8c4b7
+# %% ../nbs/18d_patch_view.ipynb #a6da3566
 @dataclass
 class PatchReading:
     "One image through encoder → projector, read in the LM's vocabulary."
@@ -155,7 +155,7 @@ def _image(pixel_values, mean, std) -> np.ndarray:
     else: x = (x - x.min()) / (x.max() - x.min() + 1e-12)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
-# %% ../nbs/18d_patch_view.ipynb #59a9e99d
+# %% ../nbs/18d_patch_view.ipynb #456d2c31
 def read_patches(pixel_values:torch.Tensor, # `[1,3,h,w]`: one image as the encoder takes it
                  encoder, # pixel values → patch features `[B,P,D]`
                  projector, # patch features → `[B,n,H]`
@@ -176,12 +176,12 @@ def read_patches(pixel_values:torch.Tensor, # `[1,3,h,w]`: one image as the enco
     f, o = f[0].detach(), o[0].detach()
     g, s = math.isqrt(f.shape[0]), math.isqrt(o.shape[0])
     if g * g != f.shape[0]: raise ValueError(f"patch view: {f.shape[0]} patch features do not form a square grid")
-    ids = sorted(set(range(len(tokenizer))) | set(range(lens_parts(language_model)[1].weight.shape[0])))
-    toks = tokenizer.convert_ids_to_tokens(ids)
+    ids = list(range(max(len(tokenizer), lens_parts(language_model)[1].weight.shape[0])))
+    toks = [_visible(t) if t else f"#{i}" for i, t in enumerate(tokenizer.convert_ids_to_tokens(ids))]  # the inspector's visible whitespace: Ġ→·
     return PatchReading(_image(pixel_values, image_mean, image_std), f, o, logit_lens(o, language_model, k),
                         nearest_embeddings(o, language_model, k), influence(projector, f), toks, g, s if s * s == o.shape[0] else 0)
 
-# %% ../nbs/18d_patch_view.ipynb #1c27d4d0
+# %% ../nbs/18d_patch_view.ipynb #96804f59
 def count_check(n_outputs:int, # embeddings the projector gives per image
                 n_modality_embeddings:int=None, # the setting; None: not given
                 placeholders:list=None, # placeholders in each image block of the record's ids; None: no record
@@ -197,7 +197,7 @@ def count_check(n_outputs:int, # embeddings the projector gives per image
         [f"{len(placeholders)} image block(s) of {n_outputs} placeholders"] if placeholders else [])
     return True, f"ok: the projector gives {n_outputs} embeddings per image" + (" = " + " = ".join(seen) if seen else "")
 
-# %% ../nbs/18d_patch_view.ipynb #39809a4c
+# %% ../nbs/18d_patch_view.ipynb #0ea4adcb
 def block_sample(record:dict, # a multimodal record: messages typed text | image
                  tokenizer, # the tokenizer, with the image tokens as single-id special tokens
                  n:int, # placeholders per image
@@ -226,7 +226,7 @@ def image_blocks(input_ids:list, # a record's token ids
         else: i += 1
     return runs
 
-# %% ../nbs/18d_patch_view.ipynb #8e6cadeb
+# %% ../nbs/18d_patch_view.ipynb #302694c0
 def fold_blocks(sample, # a `templates.Sample`, or a dict/object with `input_ids` and `labels` (a dataset's encoding)
                 tokenizer, # the tokenizer
                 placeholder:str=IMAGE_TOKENS[1], # the placeholder token
@@ -257,7 +257,7 @@ def loss_mask_html(sample, # a `templates.Sample`, or a dataset encoding with `i
     "The token inspector's view of the sample, each image block's placeholders shown as one box."
     return sample_html(fold_blocks(sample, tokenizer, placeholder), title=title)
 
-# %% ../nbs/18d_patch_view.ipynb #6f846a88
+# %% ../nbs/18d_patch_view.ipynb #92084534
 def _cells(r:PatchReading):
     "Per output: its rectangle in image pixels (y down), its norm and both readings' first token."
     hgt, wid = r.image.shape[:2]
@@ -272,12 +272,12 @@ def _cells(r:PatchReading):
 def patch_figure(r:PatchReading, # the reading to draw
                  size:int=380, # the plot's width and height in pixels
                 ):
-    "`(figure, cell source, patch source)`: the image, the norm heatmap over the output cells, the patch grid; tap selects a cell."
+    "`(figure, heatmap renderer, cell source, patch source)`: the image, the norm heatmap over the output cells, the patch grid; tap selects a cell."
     from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper, TapTool
     from bokeh.plotting import figure
     hgt, wid = r.image.shape[:2]
     rgba = np.ascontiguousarray(np.dstack([r.image, np.full(r.image.shape[:2], 255, np.uint8)])).view(np.uint32)[..., 0]
-    p = figure(width=size, height=size, x_range=(0, wid), y_range=(0, hgt), tools="", toolbar_location=None, match_aspect=True)
+    p = figure(frame_width=size, frame_height=size, x_range=(0, wid), y_range=(0, hgt), tools="", toolbar_location=None, min_border=0)
     p.axis.visible = False; p.grid.visible = False
     p.image_rgba(image=[np.flipud(rgba)], x=0, y=0, dw=wid, dh=hgt)
     cells = ColumnDataSource(_cells(r))
@@ -295,16 +295,16 @@ def patch_figure(r:PatchReading, # the reading to draw
                  ys=[[0, hgt]] * (g + 1) + [[i * step] * 2 for i in range(g + 1)], line_color="white", line_alpha=0.8, line_width=0.5)
     p.add_tools(TapTool(renderers=[q]), HoverTool(renderers=[q], tooltips=[("embedding", "@j"), ("norm", "@norm{0.000}"),
                                                                           ("logit lens", "@lens (@lens_p{0.000})"), ("nearest input", "@near")]))
-    p.add_layout(cmap_bar(cmap))
-    return p, cells, patches
+    p.add_layout(cmap_bar(cmap), "right")
+    return p, q, cells, patches
 
 def cmap_bar(cmap, # the colour mapper of the heatmap
             ):
     "A colour bar titled 'output norm'."
     from bokeh.models import ColorBar
-    return ColorBar(color_mapper=cmap, title="output norm", width=8, location=(0, 0))
+    return ColorBar(color_mapper=cmap, title="output norm", width=10)
 
-# %% ../nbs/18d_patch_view.ipynb #276ceedc
+# %% ../nbs/18d_patch_view.ipynb #2dd429c9
 def _stats(x:torch.Tensor) -> str:
     x = x.float()
     return f"norm {x.norm():.3f} · mean {x.mean():+.3f} · std {x.std():.3f} · min {x.min():+.3f} · max {x.max():+.3f}"
@@ -333,7 +333,7 @@ def detail_html(r:PatchReading, # the reading
             "<div style='color:#666'>logit lens = softmax(lm_head(final_norm(e))): e read as a last hidden state; nearest input embedding ="
             " cosine to the LM's input embedding table</div></div>")
 
-# %% ../nbs/18d_patch_view.ipynb #42222550
+# %% ../nbs/18d_patch_view.ipynb #440a4e6f
 def _pixels(image, processor):
     if isinstance(image, torch.Tensor): return image if image.dim() == 4 else image[None]
     from PIL import Image
@@ -346,7 +346,7 @@ def _record_sample(record, tokenizer, n, tokens, template):
     if isinstance(record, dict) and "messages" in record: return block_sample(record, tokenizer, n, tokens, template)
     return record
 
-# %% ../nbs/18d_patch_view.ipynb #0a8b9bef
+# %% ../nbs/18d_patch_view.ipynb #31b4ea05
 def patch_view(image, # an image path, a PIL image, or pixel values `[1,3,h,w]`
                encoder=None, # pixel values → patch features `[B,P,D]`; None: `vlm.encoder`
                projector=None, # patch features → `[B,n,H]`; None: `vlm.projector`
@@ -371,8 +371,12 @@ def patch_view(image, # an image path, a PIL image, or pixel values `[1,3,h,w]`
     blocks = None if sample is None else [b - a for a, b in image_blocks(
         sample["input_ids"] if isinstance(sample, dict) else sample.input_ids, tokenizer.convert_tokens_to_ids(tokens[1]))]
     ok, msg = count_check(r.n, n_modality_embeddings, blocks)
-    fig, cells, patches = patch_figure(r)
-    pick = pn.widgets.Select(name="embedding", options={f"{j}: {t}": j for j, t in enumerate(cells.data["lens"])}, value=0, width=200)
+    fig, heat, cells, patches = patch_figure(r)
+    pick = pn.widgets.Select(label="embedding", options={f"{j}: {t}": j for j, t in enumerate(cells.data["lens"])}, value=0, width=200)
+    opacity = pn.widgets.FloatSlider(label="heatmap opacity", start=0, end=1, step=0.05, value=heat.glyph.fill_alpha, width=200)
+    def fade(ev):
+        for gl in (heat.glyph, heat.selection_glyph, heat.nonselection_glyph): gl.fill_alpha = ev.new
+    opacity.param.watch(fade, "value")
     detail = pn.pane.HTML(detail_html(r, 0), sizing_mode="stretch_width", css_classes=["patch-detail-pane"])
     def show(j):
         detail.object = detail_html(r, j)
@@ -386,9 +390,9 @@ def patch_view(image, # an image path, a PIL image, or pixel values `[1,3,h,w]`
     head = pn.pane.Markdown(f"### Patch projections\n{r.grid}×{r.grid} patches of {r.features.shape[1]} features → {r.n} embeddings of "
                             f"{r.outputs.shape[1]}" + (f" on a {r.out_grid}×{r.out_grid} grid" if r.out_grid and r.n != r.grid ** 2 else ""))
     check = pn.pane.Alert(msg, alert_type="success" if ok else "danger", css_classes=["count-check"])
-    return pn.Column(head, check, pn.Row(pn.Column(pn.pane.Bokeh(fig), pick), detail), mask, sizing_mode="stretch_width")
+    return pn.Column(head, check, pn.Row(pn.Column(pn.pane.Bokeh(fig), pick, opacity), detail), mask, sizing_mode="stretch_width")
 
-# %% ../nbs/18d_patch_view.ipynb #5351d392
+# %% ../nbs/18d_patch_view.ipynb #b40a044e
 def demo_view(projector:str="llava", # "llava" or "c_abs"
               record:int=0, # which `multimodal` validation record
               n_modality_embeddings:int=None, # the setting to check; None: the projector's own count
