@@ -7,7 +7,7 @@ __all__ = ['IMAGE_TOKENS', 'ClipPatches', 'CAbsLike', 'demo_parts', 'lens_parts'
            'PatchReading', 'read_patches', 'count_check', 'block_sample', 'image_blocks', 'fold_blocks',
            'loss_mask_html', 'patch_figure', 'cmap_bar', 'detail_html', 'patch_view', 'demo_view']
 
-# %% ../nbs/18d_patch_view.ipynb #949d4361
+# %% ../nbs/18d_patch_view.ipynb #a199442b
 import html, math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from .templates import IGNORE_INDEX, LLAMA3, ChatTemplate, Sample, _visible, encode, sample_html
 
-# %% ../nbs/18d_patch_view.ipynb #4bbebba8
+# %% ../nbs/18d_patch_view.ipynb #c5779967
 class ClipPatches(torch.nn.Module):
     "CLIP's vision tower as a frozen encoder: pixel values `[B,3,h,w]` → penultimate-layer patch features without CLS `[B,P,D]`."
     def __init__(self, clip, # a `CLIPModel` (its `vision_model` is used) or a CLIP vision transformer
@@ -45,7 +45,7 @@ class CAbsLike(torch.nn.Module):
         y = self.pool(torch.nn.functional.silu(self.conv(x.transpose(1, 2).reshape(b, d, g, g))))
         return self.readout(y.flatten(2).transpose(1, 2))
 
-# %% ../nbs/18d_patch_view.ipynb #8915f5d8
+# %% ../nbs/18d_patch_view.ipynb #3af2a464
 IMAGE_TOKENS = ("<MS>", "<img>", "</MS>")  # the guide's start token, a placeholder, the end token
 
 def demo_parts(projector:str="llava", # "llava" (an MLP per patch) or "c_abs" (conv + pooling to n)
@@ -69,7 +69,7 @@ def demo_parts(projector:str="llava", # "llava" (an MLP per patch) or "c_abs" (c
     return dict(encoder=ClipPatches(clip), projector=proj.eval(), language_model=lm, tokenizer=tok,
                 processor=CLIPImageProcessor.from_pretrained(zoo.get("tiny-clip")), n_modality_embeddings=n)
 
-# %% ../nbs/18d_patch_view.ipynb #90045a50
+# %% ../nbs/18d_patch_view.ipynb #826cccd5
 def lens_parts(lm, # a Hugging Face causal LM, or a PEFT model wrapping one
               ) -> tuple:
     "`(final norm, lm_head, input embedding matrix)` of a causal LM; a one-line `ValueError` where one is missing."
@@ -90,7 +90,7 @@ def logit_lens(h:torch.Tensor, # `[N,H]` vectors of the LM's width
               ) -> tuple:
     "Logit-lens reading: `softmax(lm_head(final_norm(h)))`'s top k; `(probabilities [N,k], token ids [N,k])`."
     norm, head, _ = lens_parts(lm)
-    p = head(norm(h.to(head.weight.dtype))).float().softmax(-1)
+    p = head(norm(h.to(head.weight.device, head.weight.dtype))).float().softmax(-1)
     return p.topk(k, -1)
 
 @torch.no_grad()
@@ -100,10 +100,10 @@ def nearest_embeddings(h:torch.Tensor, # `[N,H]` vectors of the LM's width
                       ) -> tuple:
     "Cosine-nearest input embeddings; `(cosines [N,k], token ids [N,k])`."
     e = lens_parts(lm)[2].float()
-    c = torch.nn.functional.normalize(h.float(), dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T
+    c = torch.nn.functional.normalize(h.to(e.device).float(), dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T
     return c.topk(k, -1)
 
-# %% ../nbs/18d_patch_view.ipynb #7a01a6e3
+# %% ../nbs/18d_patch_view.ipynb #f36bec1c
 @torch.no_grad()
 def influence(projector, # features `[B,P,D]` → `[B,n,H]`
               features:torch.Tensor, # `[P,D]`: one image's patch features
@@ -121,10 +121,10 @@ def influence(projector, # features `[B,P,D]` → `[B,n,H]`
         x = features.expand(len(idx) + 1, p, d).clone()
         x[torch.arange(1, len(idx) + 1), idx] += dirs[idx]
         y = projector(x).float()
-        cols.append(((y[1:] - y[:1]).norm(dim=-1) / dirs[idx].norm(dim=-1, keepdim=True)).T)
+        cols.append(((y[1:] - y[:1]).norm(dim=-1) / dirs[idx].float().norm(dim=-1, keepdim=True)).T.cpu())
     return torch.cat(cols, 1)
 
-# %% ../nbs/18d_patch_view.ipynb #a6da3566
+# %% ../nbs/18d_patch_view.ipynb #9a73e597
 @dataclass
 class PatchReading:
     "One image through encoder → projector, read in the LM's vocabulary."
@@ -149,13 +149,18 @@ class PatchReading:
         row = self.influence[j]
         return (row > rel * row.max()).nonzero().flatten().tolist()
 
+def _place(m, x:torch.Tensor) -> torch.Tensor:
+    "`x` on the device and in the float dtype of module `m`'s first parameter (as is where `m` has none)."
+    p = next(m.parameters(), None) if isinstance(m, torch.nn.Module) else None
+    return x if p is None else x.to(p.device, p.dtype if p.dtype.is_floating_point else x.dtype)
+
 def _image(pixel_values, mean, std) -> np.ndarray:
     x = pixel_values[0].float().permute(1, 2, 0)
     if mean is not None: x = x * torch.tensor(std) + torch.tensor(mean)
     else: x = (x - x.min()) / (x.max() - x.min() + 1e-12)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
-# %% ../nbs/18d_patch_view.ipynb #456d2c31
+# %% ../nbs/18d_patch_view.ipynb #82da7ddb
 def read_patches(pixel_values:torch.Tensor, # `[1,3,h,w]`: one image as the encoder takes it
                  encoder, # pixel values → patch features `[B,P,D]`
                  projector, # patch features → `[B,n,H]`
@@ -167,21 +172,22 @@ def read_patches(pixel_values:torch.Tensor, # `[1,3,h,w]`: one image as the enco
                 ) -> PatchReading:
     "Encode, project and read one image; a one-line `ValueError` where the shapes break the contract."
     with torch.no_grad():
-        f = encoder(pixel_values)
+        f = encoder(_place(encoder, pixel_values))
         if f.dim() != 3 or f.shape[0] != 1: raise ValueError(f"patch view: the encoder gave features of shape {tuple(f.shape)}; expected [1, P, D]")
-        o = projector(f)
+        f = _place(projector, f); o = projector(f)
     h = lens_parts(language_model)[1].weight.shape[1]
     if o.dim() != 3 or o.shape[-1] != h:
         raise ValueError(f"patch view: the projector gave shape {tuple(o.shape)}; expected [1, n, {h}] (the LM's hidden size)")
     f, o = f[0].detach(), o[0].detach()
+    lens, near = [tuple(t.cpu() for t in x) for x in (logit_lens(o, language_model, k), nearest_embeddings(o, language_model, k))]
     g, s = math.isqrt(f.shape[0]), math.isqrt(o.shape[0])
     if g * g != f.shape[0]: raise ValueError(f"patch view: {f.shape[0]} patch features do not form a square grid")
     ids = list(range(max(len(tokenizer), lens_parts(language_model)[1].weight.shape[0])))
     toks = [_visible(t) if t else f"#{i}" for i, t in enumerate(tokenizer.convert_ids_to_tokens(ids))]  # the inspector's visible whitespace: Ġ→·
-    return PatchReading(_image(pixel_values, image_mean, image_std), f, o, logit_lens(o, language_model, k),
-                        nearest_embeddings(o, language_model, k), influence(projector, f), toks, g, s if s * s == o.shape[0] else 0)
+    return PatchReading(_image(pixel_values.cpu(), image_mean, image_std), f.float().cpu(), o.float().cpu(), lens, near,
+                        influence(projector, f), toks, g, s if s * s == o.shape[0] else 0)
 
-# %% ../nbs/18d_patch_view.ipynb #96804f59
+# %% ../nbs/18d_patch_view.ipynb #43c1d3a7
 def count_check(n_outputs:int, # embeddings the projector gives per image
                 n_modality_embeddings:int=None, # the setting; None: not given
                 placeholders:list=None, # placeholders in each image block of the record's ids; None: no record
@@ -197,7 +203,7 @@ def count_check(n_outputs:int, # embeddings the projector gives per image
         [f"{len(placeholders)} image block(s) of {n_outputs} placeholders"] if placeholders else [])
     return True, f"ok: the projector gives {n_outputs} embeddings per image" + (" = " + " = ".join(seen) if seen else "")
 
-# %% ../nbs/18d_patch_view.ipynb #0ea4adcb
+# %% ../nbs/18d_patch_view.ipynb #b349d931
 def block_sample(record:dict, # a multimodal record: messages typed text | image
                  tokenizer, # the tokenizer, with the image tokens as single-id special tokens
                  n:int, # placeholders per image
@@ -226,7 +232,7 @@ def image_blocks(input_ids:list, # a record's token ids
         else: i += 1
     return runs
 
-# %% ../nbs/18d_patch_view.ipynb #302694c0
+# %% ../nbs/18d_patch_view.ipynb #ce084ab8
 def fold_blocks(sample, # a `templates.Sample`, or a dict/object with `input_ids` and `labels` (a dataset's encoding)
                 tokenizer, # the tokenizer
                 placeholder:str=IMAGE_TOKENS[1], # the placeholder token
@@ -257,7 +263,7 @@ def loss_mask_html(sample, # a `templates.Sample`, or a dataset encoding with `i
     "The token inspector's view of the sample, each image block's placeholders shown as one box."
     return sample_html(fold_blocks(sample, tokenizer, placeholder), title=title)
 
-# %% ../nbs/18d_patch_view.ipynb #92084534
+# %% ../nbs/18d_patch_view.ipynb #962c954c
 def _cells(r:PatchReading):
     "Per output: its rectangle in image pixels (y down), its norm and both readings' first token."
     hgt, wid = r.image.shape[:2]
@@ -304,7 +310,7 @@ def cmap_bar(cmap, # the colour mapper of the heatmap
     from bokeh.models import ColorBar
     return ColorBar(color_mapper=cmap, title="output norm", width=10)
 
-# %% ../nbs/18d_patch_view.ipynb #2dd429c9
+# %% ../nbs/18d_patch_view.ipynb #5d773adf
 def _stats(x:torch.Tensor) -> str:
     x = x.float()
     return f"norm {x.norm():.3f} · mean {x.mean():+.3f} · std {x.std():.3f} · min {x.min():+.3f} · max {x.max():+.3f}"
@@ -333,7 +339,7 @@ def detail_html(r:PatchReading, # the reading
             "<div style='color:#666'>logit lens = softmax(lm_head(final_norm(e))): e read as a last hidden state; nearest input embedding ="
             " cosine to the LM's input embedding table</div></div>")
 
-# %% ../nbs/18d_patch_view.ipynb #440a4e6f
+# %% ../nbs/18d_patch_view.ipynb #ca65a7b6
 def _pixels(image, processor):
     if isinstance(image, torch.Tensor): return image if image.dim() == 4 else image[None]
     from PIL import Image
@@ -346,7 +352,7 @@ def _record_sample(record, tokenizer, n, tokens, template):
     if isinstance(record, dict) and "messages" in record: return block_sample(record, tokenizer, n, tokens, template)
     return record
 
-# %% ../nbs/18d_patch_view.ipynb #31b4ea05
+# %% ../nbs/18d_patch_view.ipynb #fa32bc77
 def patch_view(image, # an image path, a PIL image, or pixel values `[1,3,h,w]`
                encoder=None, # pixel values → patch features `[B,P,D]`; None: `vlm.encoder`
                projector=None, # patch features → `[B,n,H]`; None: `vlm.projector`
@@ -392,7 +398,7 @@ def patch_view(image, # an image path, a PIL image, or pixel values `[1,3,h,w]`
     check = pn.pane.Alert(msg, alert_type="success" if ok else "danger", css_classes=["count-check"])
     return pn.Column(head, check, pn.Row(pn.Column(pn.pane.Bokeh(fig), pick, opacity), detail), mask, sizing_mode="stretch_width")
 
-# %% ../nbs/18d_patch_view.ipynb #b40a044e
+# %% ../nbs/18d_patch_view.ipynb #42ec1de5
 def demo_view(projector:str="llava", # "llava" or "c_abs"
               record:int=0, # which `multimodal` validation record
               n_modality_embeddings:int=None, # the setting to check; None: the projector's own count
