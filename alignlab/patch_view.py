@@ -7,7 +7,7 @@ __all__ = ['IMAGE_TOKENS', 'ClipPatches', 'CAbsLike', 'demo_parts', 'lens_parts'
            'PatchReading', 'read_patches', 'count_check', 'block_sample', 'image_blocks', 'fold_blocks',
            'loss_mask_html', 'patch_figure', 'detail_html', 'record_image', 'patch_view', 'demo_view']
 
-# %% ../nbs/18d_patch_view.ipynb #c454f1ad
+# %% ../nbs/18d_patch_view.ipynb #d0ff629d
 import html, math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from .templates import IGNORE_INDEX, LLAMA3, ChatTemplate, Sample, _visible, encode, sample_html
 
-# %% ../nbs/18d_patch_view.ipynb #a72e4dbd
+# %% ../nbs/18d_patch_view.ipynb #0b027574
 class ClipPatches(torch.nn.Module):
     "CLIP's vision tower as a frozen encoder: pixel values `[B,3,h,w]` → penultimate-layer patch features without CLS `[B,P,D]`."
     def __init__(self, clip, # a `CLIPModel` (its `vision_model` is used) or a CLIP vision transformer
@@ -45,7 +45,7 @@ class CAbsLike(torch.nn.Module):
         y = self.pool(torch.nn.functional.silu(self.conv(x.transpose(1, 2).reshape(b, d, g, g))))
         return self.readout(y.flatten(2).transpose(1, 2))
 
-# %% ../nbs/18d_patch_view.ipynb #a3af6f7c
+# %% ../nbs/18d_patch_view.ipynb #1f88ac57
 IMAGE_TOKENS = ("<MS>", "<img>", "</MS>")  # the guide's start token, a placeholder, the end token
 
 def demo_parts(projector:str="llava", # "llava" (an MLP per patch) or "c_abs" (conv + pooling to n)
@@ -69,7 +69,7 @@ def demo_parts(projector:str="llava", # "llava" (an MLP per patch) or "c_abs" (c
     return dict(encoder=ClipPatches(clip), projector=proj.eval(), language_model=lm, tokenizer=tok,
                 processor=CLIPImageProcessor.from_pretrained(zoo.get("tiny-clip")), n_modality_embeddings=n)
 
-# %% ../nbs/18d_patch_view.ipynb #4766b6e7
+# %% ../nbs/18d_patch_view.ipynb #4ab9d626
 def lens_parts(lm, # a Hugging Face causal LM, or a PEFT model wrapping one
               ) -> tuple:
     "`(final norm, lm_head, input embedding matrix)` of a causal LM; a one-line `ValueError` where one is missing."
@@ -103,7 +103,7 @@ def nearest_embeddings(h:torch.Tensor, # `[N,H]` vectors of the LM's width
     c = torch.nn.functional.normalize(h.to(e.device).float(), dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T
     return c.topk(k, -1)
 
-# %% ../nbs/18d_patch_view.ipynb #4f17e02d
+# %% ../nbs/18d_patch_view.ipynb #74e1eeba
 @torch.no_grad()
 def influence(projector, # features `[B,P,D]` → `[B,n,H]`
               features:torch.Tensor, # `[P,D]`: one image's patch features
@@ -124,7 +124,7 @@ def influence(projector, # features `[B,P,D]` → `[B,n,H]`
         cols.append(((y[1:] - y[:1]).norm(dim=-1) / dirs[idx].float().norm(dim=-1, keepdim=True)).T.cpu())
     return torch.cat(cols, 1)
 
-# %% ../nbs/18d_patch_view.ipynb #a0bb522c
+# %% ../nbs/18d_patch_view.ipynb #ca4e3f6d
 @dataclass
 class PatchReading:
     "One image through encoder → projector, read in the LM's vocabulary."
@@ -160,7 +160,7 @@ def _image(pixel_values, mean, std) -> np.ndarray:
     else: x = (x - x.min()) / (x.max() - x.min() + 1e-12)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
-# %% ../nbs/18d_patch_view.ipynb #14b01386
+# %% ../nbs/18d_patch_view.ipynb #ec44fed2
 def read_patches(pixel_values:torch.Tensor, # `[1,3,h,w]`: one image as the encoder takes it
                  encoder, # pixel values → patch features `[B,P,D]`
                  projector, # patch features → `[B,n,H]`
@@ -187,7 +187,7 @@ def read_patches(pixel_values:torch.Tensor, # `[1,3,h,w]`: one image as the enco
     return PatchReading(_image(pixel_values.cpu(), image_mean, image_std), f.float().cpu(), o.float().cpu(), lens, near,
                         influence(projector, f), toks, g, s if s * s == o.shape[0] else 0)
 
-# %% ../nbs/18d_patch_view.ipynb #6a92dd0b
+# %% ../nbs/18d_patch_view.ipynb #fdcadfc3
 def count_check(n_outputs:int, # embeddings the projector gives per image
                 n_modality_embeddings:int=None, # the setting; None: not given
                 placeholders:list=None, # placeholders in each image block of the record's ids; None: no record
@@ -203,7 +203,7 @@ def count_check(n_outputs:int, # embeddings the projector gives per image
         [f"{len(placeholders)} image block(s) of {n_outputs} placeholders"] if placeholders else [])
     return True, f"ok: the projector gives {n_outputs} embeddings per image" + (" = " + " = ".join(seen) if seen else "")
 
-# %% ../nbs/18d_patch_view.ipynb #4a4c3794
+# %% ../nbs/18d_patch_view.ipynb #b4ff3759
 def block_sample(record:dict, # a multimodal record: messages typed text | image
                  tokenizer, # the tokenizer, with the image tokens as single-id special tokens
                  n:int, # placeholders per image
@@ -232,7 +232,7 @@ def image_blocks(input_ids:list, # a record's token ids
         else: i += 1
     return runs
 
-# %% ../nbs/18d_patch_view.ipynb #87915ef5
+# %% ../nbs/18d_patch_view.ipynb #cc7fc8d4
 def fold_blocks(sample, # a `templates.Sample`, or a dict/object with `input_ids` and `labels` (a dataset's encoding)
                 tokenizer, # the tokenizer
                 placeholder:str=IMAGE_TOKENS[1], # the placeholder token
@@ -263,7 +263,7 @@ def loss_mask_html(sample, # a `templates.Sample`, or a dataset encoding with `i
     "The token inspector's view of the sample, each image block's placeholders shown as one box."
     return sample_html(fold_blocks(sample, tokenizer, placeholder), title=title)
 
-# %% ../nbs/18d_patch_view.ipynb #ccecde4f
+# %% ../nbs/18d_patch_view.ipynb #c89ebd4d
 def _cells(r:PatchReading):
     "Per output: its rectangle in image pixels (y down), its norm and both readings' first token."
     hgt, wid = r.image.shape[:2]
@@ -310,7 +310,7 @@ def _cmap_bar(cmap, # the colour mapper of the heatmap
     from bokeh.models import ColorBar
     return ColorBar(color_mapper=cmap, title="output norm", width=10)
 
-# %% ../nbs/18d_patch_view.ipynb #879dad1b
+# %% ../nbs/18d_patch_view.ipynb #8eca0fdf
 def _stats(x:torch.Tensor) -> str:
     x = x.float()
     return f"norm {x.norm():.3f} · mean {x.mean():+.3f} · std {x.std():.3f} · min {x.min():+.3f} · max {x.max():+.3f}"
@@ -339,7 +339,7 @@ def detail_html(r:PatchReading, # the reading
             "<div style='color:#666'>logit lens = softmax(lm_head(final_norm(e))): e read as a last hidden state; nearest input embedding ="
             " cosine to the LM's input embedding table</div></div>")
 
-# %% ../nbs/18d_patch_view.ipynb #dd5bff99
+# %% ../nbs/18d_patch_view.ipynb #2d54b3ce
 def _pixels(image, processor):
     if isinstance(image, torch.Tensor): return image if image.dim() == 4 else image[None]
     from PIL import Image
@@ -365,7 +365,7 @@ def _record_sample(record, tokenizer, n, tokens, template):
     if isinstance(record, dict) and "messages" in record: return block_sample(record, tokenizer, n, tokens, template)
     return record
 
-# %% ../nbs/18d_patch_view.ipynb #f1be676d
+# %% ../nbs/18d_patch_view.ipynb #a59c34da
 def patch_view(image=None, # an image path, a PIL image, or pixel values `[1,3,h,w]`; None: the record's image (`record_image`)
                encoder=None, # pixel values → patch features `[B,P,D]`; None: `vlm.encoder`
                projector=None, # patch features → `[B,n,H]`; None: `vlm.projector`
@@ -383,7 +383,7 @@ def patch_view(image=None, # an image path, a PIL image, or pixel values `[1,3,h
               ):
     "A Panel layout: the image with its patch grid and output-norm heatmap, click an embedding for its readings, the count check, the loss mask."
     import panel as pn
-    pn.extension()
+    pn.extension(inline=True)  # JS and CSS from the Python packages, not a CDN: Jupyter offline renders nothing otherwise
     encoder, projector, language_model = (x if x is not None else getattr(vlm, a) for x, a in
                                           ((encoder, "encoder"), (projector, "projector"), (language_model, "language_model")))
     image = record_image(record, root, image_index) if image is None else image
@@ -414,7 +414,7 @@ def patch_view(image=None, # an image path, a PIL image, or pixel values `[1,3,h
     check = pn.pane.Alert(msg, alert_type="success" if ok else "danger", css_classes=["count-check"])
     return pn.Column(head, check, pn.Row(pn.Column(pn.pane.Bokeh(fig), pick, opacity), detail), mask, sizing_mode="stretch_width")
 
-# %% ../nbs/18d_patch_view.ipynb #9d3b6661
+# %% ../nbs/18d_patch_view.ipynb #0d4c53e5
 def demo_view(projector:str="llava", # "llava" or "c_abs"
               record:int=0, # which `multimodal` validation record
               n_modality_embeddings:int=None, # the setting to check; None: the projector's own count
