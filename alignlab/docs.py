@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['repo_root', 'sidebar', 'quarto_like', 'render_nbconvert', 'param_table', 'add_param_tables', 'api_entries',
-           'api_index_body', 'page_name', 'render_site', 'readme_text', 'write_readme']
+           'api_index_body', 'fix_anchors', 'page_name', 'render_site', 'readme_text', 'write_readme']
 
 # %% ../nbs/91_docs.ipynb #0915567c
 import html, json, os, re, shutil, subprocess, sys
@@ -146,7 +146,8 @@ def render_nbconvert(proc:Path, # the folder of nbdev's processed notebooks (`_p
         body, _ = exporter.from_notebook_node(quarto_like(nbs[nb]))
         body = _lower_ids(body)
         page = out/_pages[nb]
-        if site_url: body = body.replace(site_url.rstrip("/") + "/", "")  # nbdev's doc links: relative within the site
+        if site_url:  # nbdev's doc links: relative within the site (source links, `<git_url>/blob/...`, stay absolute)
+            body = re.sub(re.escape(site_url.rstrip("/") + "/") + r'(?![^"\s]*/blob/)', "", body)
         page.write_text(_PAGE.format(title=html.escape(fm.get("title", Path(nb).stem)), description=html.escape(fm.get("description", "")),
                                      nav=_nav(entries, nb), body=body, pygments=pyg, extra_css=css, renderer=f"nbconvert {__import__('nbconvert').__version__}"))
         pages.append(page)
@@ -167,7 +168,8 @@ def param_table(obj, # a function, method or class (a class: its `__init__`'s pa
         anno = "" if v["anno"] is inspect._empty else getattr(v["anno"], "__name__", str(v["anno"]))
         dflt = "" if v["default"] is inspect._empty else repr(v["default"])
         dflt = dflt if len(dflt) <= 60 else dflt[:57] + "..."
-        rows.append(f"| **{cell(name)}** | {cell(anno)} | {'`' + cell(dflt) + '`' if dflt else ''} | {cell(v['docment'] or '')} |")
+        code = dflt.replace("|", "\\|").replace("`", "'").replace("\n", " ")  # a code span shows entities as typed: no escaping
+        rows.append(f"| **{cell(name)}** | {cell(anno)} | {'`' + code + '`' if dflt else ''} | {cell(v['docment'] or '')} |")
     if not rows: return ""
     return "\n\n| | **Type** | **Default** | **Details** |\n| -- | -- | -- | -- |\n" + "\n".join(rows) + "\n"
 
@@ -225,6 +227,27 @@ def api_index_body(entries:list, # `(name, module, link)`, as `api_entries` retu
             f' <span id="api-count"></span></p><table id="api"><thead><tr><th>name</th><th>module</th></tr></thead>'
             f"<tbody>{rows}</tbody></table>{_API_JS}")
 
+# %% ../nbs/91_docs.ipynb #69cc0cf0
+_A = re.compile(r'<a(\s[^>]*?)href="([^"#:]*)#([^"]+)"([^>]*)>(.*?)</a>', re.S)
+
+def fix_anchors(out:Path, # the rendered site's folder
+               ) -> dict:
+    "Point links to undocumented methods at their class, unlink private names; returns how many of each."
+    pages = {p.name: p.read_text() for p in Path(out).glob("*.html")}
+    ids = {n: set(re.findall(r'\sid="([^"]+)"', h)) for n, h in pages.items()}
+    n = {"to_class": 0, "unlinked": 0}
+    for name, h in pages.items():
+        def sub(m):
+            t, a = m.group(2) or name, m.group(3)
+            if t not in ids or a in ids[t]: return m.group(0)
+            if "." in a and a.rsplit(".", 1)[0] in ids[t]:
+                n["to_class"] += 1; return f'<a{m.group(1)}href="{m.group(2)}#{a.rsplit(".", 1)[0]}"{m.group(4)}>{m.group(5)}</a>'
+            if any(p.startswith("_") for p in a.split(".")): n["unlinked"] += 1; return m.group(5)
+            return m.group(0)
+        new = _A.sub(sub, h)
+        if new != h: (Path(out)/name).write_text(new)
+    return n
+
 # %% ../nbs/91_docs.ipynb #d1ed9210
 def page_name(nb:str, # a sidebar entry: the notebook's path relative to `nbs/`
               root=None, # the repository or a folder inside it; None: found from the working directory
@@ -272,6 +295,8 @@ def render_site(root=None, # the repository or a folder inside it; None: found f
             if len(pages) != len(entries): raise RuntimeError(f"rendered {len(pages)} of {len(entries)} sidebar pages")
             (out/"api.html").write_text(_PAGE.format(title="Index of names", description="Every public name, linked to its docs",
                 nav=_nav(entries, None), body=api_index_body(api_entries(root)), pygments="", extra_css=css, renderer="alignlab.docs"))
+            fixed = fix_anchors(out)
+            if log: log(f"docs: {len(pages)} pages; links to undocumented methods pointed at their class: {fixed['to_class']}, private names unlinked: {fixed['unlinked']}")
         if (root/"_exec"/"widgets").exists(): shutil.copytree(root/"_exec"/"widgets", out/"widgets", dirs_exist_ok=True)
         return out
     finally: os.chdir(cwd)

@@ -53,8 +53,10 @@ def save_widget(obj, # a Panel object
                ) -> str:
     "Save `obj` as a self-contained page (JS/CSS inline); returns how: 'embedded' (interactive) or 'snapshot'."
     from bokeh.resources import INLINE
+    from param.parameterized import logging_level
     try:
-        obj.save(str(path), embed=True, resources=INLINE, max_states=max_states, max_opts=max_opts, title="alignlab widget")
+        with logging_level("ERROR"):  # Panel warns on stderr when it samples the states: not something the docs should show
+            obj.save(str(path), embed=True, resources=INLINE, max_states=max_states, max_opts=max_opts, title="alignlab widget")
         return "embedded"
     except Exception:  # Panel refuses to embed more than max_states states, or a widget it cannot enumerate
         obj.save(str(path), embed=False, resources=INLINE, title="alignlab widget")

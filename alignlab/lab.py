@@ -30,12 +30,19 @@ def _no_news(state_dir):
 # %% ../nbs/90a_lab.ipynb #85b39258
 class LabServer:
     "A running JupyterLab: its `url`, `token`, served `root` folder and log file."
-    def __init__(self, url, token, root, log): self.url, self.token, self.root, self.log = url, token, Path(root), Path(log)
+    def __init__(self, url:str, # the server's base URL, `http://127.0.0.1:<port>`
+                 token:str, # the token a browser must present
+                 root, # the folder it serves (notebooks are written here)
+                 log, # the server's log file
+                ): self.url, self.token, self.root, self.log = url, token, Path(root), Path(log)
     def notebook_url(self, name:str, # a notebook's path inside `root`
                     ) -> str:
         "The URL that opens notebook `name` in JupyterLab, token included."
         return f"{self.url}/lab/tree/{name}?token={self.token}"
-    def log_tail(self, n:int=3000): return self.log.read_text()[-n:] if self.log.exists() else ""
+    def log_tail(self, n:int=3000, # how many characters
+                ) -> str:
+        "The end of the server's log (for a failing test's report)."
+        return self.log.read_text()[-n:] if self.log.exists() else ""
 
 @contextlib.contextmanager
 def serve_jupyterlab(root_dir=None, # the folder to serve; None: a new temporary folder

@@ -59,7 +59,10 @@ PENDING = [
 
 @pytest.fixture(scope="module")
 def lab():
-    pytest.importorskip("jupyterlab")
+    import importlib.util, os
+    if importlib.util.find_spec("jupyterlab") is None:  # a dev requirement: in CI (tests/run.sh) missing is a failure
+        if os.environ.get("CI") == "true" or os.environ.get("ALIGNLAB_REQUIRE_BROWSER") == "1": pytest.fail("jupyterlab is not installed")
+        pytest.skip("jupyterlab is not installed (pip install -e '.[dev]')")
     from alignlab.lab import serve_jupyterlab
     with serve_jupyterlab() as server: yield server
 
