@@ -146,13 +146,13 @@ def test_widget_page_shows_its_widget(site, page, nb, ready, interact, probe):
     page.goto((site / docs.page_name(nb, ROOT)).as_uri())
     frame_el = page.locator("iframe.alignlab-widget").first
     expect(frame_el).to_be_visible()
+    frame_el.scroll_into_view_if_needed()
     f = page.frame_locator("iframe.alignlab-widget").first
-    expect(ready(f)).to_be_visible(timeout=30000)
+    expect(ready(f)).to_be_visible(timeout=120000)  # a 7 MB page (every embedded state): slow to draw on a loaded 2-core box
     before = probe(f)
     interact(f)
     page.wait_for_timeout(500)
     assert probe(f) != before, f"{nb}: the embedded widget did not change ({before!r})"
-    frame_el.scroll_into_view_if_needed()
     shots = site / "screenshots"; shots.mkdir(exist_ok=True)
     page.screenshot(path=str(shots / docs.page_name(nb, ROOT).replace(".html", ".png")))
 
