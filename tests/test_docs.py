@@ -1,4 +1,8 @@
-"""The docs: _quarto.yml is the one config, the site renders, README.md is current."""
+"""The docs: _quarto.yml is the one config, the site renders with the notebooks' outputs, README.md is current, and the rendered
+site is driven in headless Chromium (links, content, sidebar, widgets, the quickstart's plot, the index of names).
+
+Runtime: the render executes the notebooks (cached under _exec/ by content hash; cold, about a minute of CPU per core for all of
+them, as nbdev_test takes) and renders ~45 pages (about 20 s); the browser checks take about 30 s."""
 import os
 from pathlib import Path
 import pytest
@@ -25,7 +29,11 @@ def test_notebooks_are_in_the_sidebar_in_reading_order_with_unique_numbers():
 
 @pytest.fixture(scope="module")
 def site():
-    return docs.render_site(ROOT)
+    import time
+    t0 = time.time()
+    out = docs.render_site(ROOT)
+    print(f"docs: site rendered in {time.time() - t0:.0f} s")
+    return out
 
 
 def test_every_sidebar_page_renders(site):
@@ -51,3 +59,130 @@ def test_docs_page_loads_in_chromium(site, page):
 
 def test_readme_is_generated_from_index_notebook():
     assert (ROOT / "README.md").read_text() == docs.readme_text(ROOT), "README.md is stale: run `alignlab docs --readme`"
+
+
+# --- the rendered site, read and driven ------------------------------------------------------------------------------------
+
+def _pages(site):
+    return {p.name: p.read_text() for p in site.glob("*.html")}
+
+
+def _links(html):
+    import re
+    return re.findall(r'<a\s[^>]*href="([^"]+)"', html)
+
+
+def test_no_broken_internal_link(site):
+    import re
+    pages, broken, checked = _pages(site), [], 0
+    ids = {name: set(re.findall(r'\sid="([^"]+)"', h)) for name, h in pages.items()}
+    for name, h in pages.items():
+        for href in _links(h):
+            if re.match(r"^(https?:|mailto:|javascript:)", href): continue
+            target, _, anchor = href.partition("#")
+            target = target or name
+            checked += 1
+            if not (site / target).exists(): broken.append(f"{name} -> {href} (no page)")
+            elif anchor and target.endswith(".html") and anchor not in ids.get(target, set()):
+                broken.append(f"{name} -> {href} (no #{anchor} on {target})")
+    assert checked > 500, checked  # the negative control: the crawl did see the site's links
+    assert not broken, f"{len(broken)} broken links:\n" + "\n".join(broken[:40])
+
+
+def test_every_page_has_content_and_executed_outputs(site):
+    import re
+    entries = docs.sidebar(ROOT)
+    with_outputs = []
+    for _, nb in entries:
+        h = (site / docs.page_name(nb, ROOT)).read_text()
+        main = re.sub(r"<[^>]+>", " ", h.split("<main>", 1)[1])
+        assert len(main.split()) > 30, f"{nb}: the page has almost no content"
+        # executed outputs (nbconvert's classes); show_doc's are output_markdown and do not count
+        if re.search(r'class="output_(?:html|png|svg|jpeg|text)\b|class="output_subarea output_stream', h): with_outputs.append(nb)
+    # executed outputs, not only show_doc's: tables, token views, plans and plots
+    for nb in ["01_zoo.ipynb", "02_templates.ipynb", "10a_plan.ipynb", "11_experiment.ipynb", "12_inspect_tokens.ipynb", "13_quickstart.ipynb"]:
+        assert nb in with_outputs, f"{nb} shows no outputs"
+    assert len(with_outputs) >= 0.7 * len(entries), (len(with_outputs), len(entries))
+
+
+def test_getting_started_is_the_readmes_two_commands(site):
+    import re
+    readme = (ROOT / "README.md").read_text()
+    cmds = re.findall(r"```sh\n(python3 -m venv[^\n]+)\n```", readme)
+    assert len(cmds) == 2, cmds
+    import html
+    index = html.unescape(re.sub(r"<[^>]+>", "", (site / "index.html").read_text()))  # the text, without the highlighting spans
+    for c in cmds: assert c in index, c
+
+
+def test_every_sidebar_page_is_reachable_from_the_nav(site, page):
+    from playwright.sync_api import expect
+    entries = docs.sidebar(ROOT)
+    page.goto((site / "index.html").as_uri())
+    links = page.locator("nav a[href$='.html']:not([href='api.html'])")
+    hrefs = links.evaluate_all("els => els.map(e => e.getAttribute('href'))")
+    hrefs = [h for i, h in enumerate(hrefs) if i > 0]  # the first is the site title (index.html again)
+    assert hrefs == [docs.page_name(nb, ROOT) for _, nb in entries], "the nav follows the sidebar of _quarto.yml, in order"
+    for href in hrefs:
+        page.locator(f"nav a[href='{href}']").last.click()
+        assert page.url.endswith("/" + href), page.url
+        expect(page.locator("h1.title")).not_to_be_empty()
+        assert len(page.locator("main").inner_text().split()) > 30, href
+
+
+# Widget pages: each widget's docs page shows it as a static embed that still reacts (the states Panel precomputed).
+# One row a widget: (notebook, a part of the drawn widget, interaction inside the iframe, probe that must change).
+DOC_WIDGETS = [
+    ("12_inspect_tokens.ipynb", lambda f: f.locator(".summary").first,  # "80 tokens, 14 carry loss; ..."
+     lambda f: f.get_by_role("checkbox").first.click(),         # only_answer_loss, the first checkbox
+     lambda f: f.locator(".summary").first.inner_text()),
+    # to add when they land: the attention view (nbs/17d), the patch view (nbs/18d), the review app's export (nbs/19_review)
+]
+
+
+@pytest.mark.parametrize("nb,ready,interact,probe", DOC_WIDGETS, ids=[w[0] for w in DOC_WIDGETS])
+def test_widget_page_shows_its_widget(site, page, nb, ready, interact, probe):
+    from playwright.sync_api import expect
+    page.goto((site / docs.page_name(nb, ROOT)).as_uri())
+    frame_el = page.locator("iframe.alignlab-widget").first
+    expect(frame_el).to_be_visible()
+    frame_el.scroll_into_view_if_needed()
+    f = page.frame_locator("iframe.alignlab-widget").first
+    expect(ready(f)).to_be_visible(timeout=120000)  # a 7 MB page (every embedded state): slow to draw on a loaded 2-core box
+    before = probe(f)
+    interact(f)
+    page.wait_for_timeout(500)
+    assert probe(f) != before, f"{nb}: the embedded widget did not change ({before!r})"
+    shots = site / "screenshots"; shots.mkdir(exist_ok=True)
+    page.screenshot(path=str(shots / docs.page_name(nb, ROOT).replace(".html", ".png")))
+
+
+def test_quickstart_page_shows_the_loss_plot(site, page):
+    from playwright.sync_api import expect
+    page.goto((site / docs.page_name("13_quickstart.ipynb", ROOT)).as_uri())
+    img = page.locator("main .output_png img").first
+    expect(img).to_be_visible()
+    w = img.evaluate("i => i.naturalWidth")
+    assert w >= 300, w  # a real figure (600 px at the plot's 6 in x 100 dpi), not a broken image
+    img.scroll_into_view_if_needed()
+    shots = site / "screenshots"; shots.mkdir(exist_ok=True)
+    page.screenshot(path=str(shots / "quickstart.png"))
+
+
+def test_search_box_finds_a_name_and_links_to_its_docs(site, page):
+    from playwright.sync_api import expect
+    page.goto((site / "index.html").as_uri())
+    page.locator("#site-search").fill("token_inspector")
+    page.locator("#site-search").press("Enter")
+    assert "api.html?q=token_inspector" in page.url
+    rows = page.locator("#api tbody tr:visible")
+    expect(rows.first).to_contain_text("token_inspector")
+    assert rows.count() < 10, rows.count()  # filtered: the index holds hundreds of names
+    rows.first.locator("a").click()
+    assert page.url.endswith("#token_inspector"), page.url
+    expect(page.locator("h1.title")).to_have_text("inspect.tokens")
+
+
+def test_show_doc_has_a_parameter_table(site):
+    h = (site / docs.page_name("12_inspect_tokens.ipynb", ROOT)).read_text()
+    assert "<strong>max_tokens_count</strong>" in h and "truncate to whole messages within this many tokens" in h
