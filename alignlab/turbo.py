@@ -54,6 +54,9 @@ TAKEN_BY = {
     **{c: f"preference_losses.{c}" for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings "
                                               "IPOLossSettings CPOLossSettings SlicHfLossSettings SimPOLossSettings ORPOLossSettings ASFTLossSettings "
                                               "APOZeroLossSettings APODownLossSettings DPOPLossSettings NCAPairLossSettings CALDPOLossSettings").split()},
+    # RAG (17a_retrieval): the index, the retrieval and the RAG model (generator + question encoder)
+    "RAGIndexSettings": "retrieval.IndexSettings", "RAGRetrievalSettings": "retrieval.RetrievalSettings",
+    "RAGPreTrainedModelSettings": "retrieval.RAGModelSettings",
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
@@ -63,7 +66,7 @@ _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
     **{c: _PREF for c in "DDPOTrainExperimentSettings DDPODatasetSettings".split()},
-    **{c: _RAG for c in "RAGTrainExperimentSettings RAGIndexSettings RAGRetrievalSettings RAGPreTrainedModelSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
+    **{c: _RAG for c in "RAGTrainExperimentSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
     **{c: _MM for c in ("MultimodalCherryPickSettings MultimodalDatasetSettings MultimodalDatasetProcessingSettings ModalityEncoderSettings "
                         "ModalityReaderSettings PreTrainedMultiModalModel MultimodalSingleModelInferenceSettings "
                         "MultimodalInferenceExperimentSettings MultimodalTrainExperimentSettings").split()},

@@ -1,0 +1,124 @@
+"""RAG: settings contract, the question encoder (real MiniLM and the zoo's tiny one), the faiss index (both layouts), retrieval's bad inputs."""
+import json, os
+from pathlib import Path
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from alignlab import zoo
+from alignlab.data import DataError
+from alignlab.settings import SettingsError, load_settings
+from alignlab.retrieval import (RAGModelSettings, RetrievalSettings, IndexSettings, QuestionEncoder, PassageIndex, Retriever,
+                                load_index, open_index, read_passages, save_turbo_layout, with_documents, question_of)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return QuestionEncoder("tiny-encoder")
+
+
+@pytest.fixture(scope="module")
+def rag():
+    return zoo.get("rag")
+
+
+def _other_encoder(tiny):
+    "The tiny encoder with perturbed weights: the same width and tokenizer, different embeddings."
+    import copy, torch
+    m = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(torch.randn_like(p) * 0.5)
+    return QuestionEncoder("perturbed-tiny", model=m, tokenizer=tiny.tokenizer)
+
+
+def test_settings_have_turbos_fields_and_defaults():
+    rs = RetrievalSettings()
+    assert rs.model_dump() == dict(n_docs=1, title_sep=" / ", doc_sep=" // ", prefix="", max_doc_length=300, retrieval_vector_size=768,
+                                   retrieval_batch_size=8, query_encoder_max_length=512, encoder_learning_rate=None)
+    base = {"generator_settings": {"model_path": "tiny-llama", "model_type": "causal"},
+            "question_encoder_settings": {"model_path": "tiny-encoder", "model_type": "encoder"},
+            "index_settings": {"index_path": "i.faiss", "passages_path": "p.jsonl"}, "retrieval_settings": {}}
+    assert load_settings(RAGModelSettings, base).question_encoder_settings.model_type == "encoder"
+    with pytest.raises(SettingsError, match="did you mean 'n_docs'"):
+        load_settings(RAGModelSettings, {**base, "retrieval_settings": {"ndocs": 2}})
+    with pytest.raises(SettingsError, match="generator_settings.model_type"):
+        load_settings(RAGModelSettings, {**base, "generator_settings": {"model_path": "x", "model_type": "seq_cls"}})
+
+
+def test_real_minilm_paraphrase_beats_unrelated():
+    enc = QuestionEncoder("all-MiniLM-L6-v2")
+    assert enc.dim == 384
+    E = enc.encode(["How old is the Eiffel tower?", "What is the age of the Eiffel tower?", "My cat likes to sleep on the sofa.",
+                    "Paris is the capital of France.", "Which city is France's capital?"])
+    assert np.allclose(np.linalg.norm(E, axis=1), 1, atol=1e-4)
+    assert E[0] @ E[1] > E[0] @ E[2] + 0.3  # paraphrase vs unrelated (MiniLM: ~0.9 vs ~0.0)
+    assert E[3] @ E[4] > E[3] @ E[2] + 0.3
+
+
+def test_index_saved_and_reloaded_without_rebuilding(tmp_path, tiny, rag, monkeypatch):
+    ist = IndexSettings(index_path=str(tmp_path / "p.faiss"), passages_path=str(rag / "passages.jsonl"))
+    ix = open_index(ist, tiny, log=lambda m: None)
+    assert len(ix) == 80 and Path(ist.index_path).exists() and json.loads(Path(ist.index_path + ".json").read_text())["count"] == 80
+    monkeypatch.setattr(PassageIndex, "build", classmethod(lambda *a, **k: pytest.fail("rebuilt")))
+    ix2 = open_index(ist, tiny)
+    q = tiny.encode(["Where does Ardone live?", "What pet does Beko keep?"])
+    assert (ix.index.search(q, 5)[1] == ix2.index.search(q, 5)[1]).all()
+
+
+def test_mismatch_count_dimension_encoder(tmp_path, tiny, rag):
+    ist = IndexSettings(index_path=str(tmp_path / "p.faiss"), passages_path=str(rag / "passages.jsonl"))
+    PassageIndex.build(ist.passages_path, tiny).save(ist.index_path)
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("\n".join((rag / "passages.jsonl").read_text().splitlines()[:50]))
+    with pytest.raises(SettingsError, match="holds 80 vectors but .* has 50 passages"):
+        load_index(ist.index_path, fewer, tiny)
+    with pytest.raises(SettingsError, match="dimension 64, but encoder .* gives 384"):
+        load_index(ist.index_path, ist.passages_path, QuestionEncoder("all-MiniLM-L6-v2"))
+    with pytest.raises(SettingsError, match="embeds differently") as e:
+        load_index(ist.index_path, ist.passages_path, _other_encoder(tiny))
+    assert "\n" not in str(e.value)
+
+
+def test_turbo_layout_loads_and_checks_the_encoder(tmp_path, tiny, rag):
+    ps, _ = read_passages(rag / "passages.jsonl")
+    ps = [{**p, "title": p["id"]} for p in ps[:30]]
+    save_turbo_layout(ps, tiny, tmp_path / "fake_wiki", tmp_path / "fake_wiki.faiss")
+    ix = load_index(tmp_path / "fake_wiki.faiss", tmp_path / "fake_wiki", tiny)
+    assert len(ix) == 30 and ix.passages[4]["title"] == ps[4]["title"] and ix.passages[4]["id"] == "4"
+    assert Retriever(tiny, ix).retrieve([ps[7]["title"] + " " + ps[7]["text"]])[0][0]["row"] == 7
+    with pytest.raises(SettingsError, match="stored embeddings differ"):
+        load_index(tmp_path / "fake_wiki.faiss", tmp_path / "fake_wiki", _other_encoder(tiny))
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, tiny, rag):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no passages"):
+        open_index(IndexSettings(index_path=str(tmp_path / "e.faiss"), passages_path=str(tmp_path / "empty.jsonl")), tiny)
+    (tmp_path / "notext.jsonl").write_text('{"id": "a", "text": "ok"}\n{"id": "b", "title": "T", "text": ""}\n')
+    with pytest.raises(DataError, match=r"notext.jsonl:2: text: ''; expected"):
+        read_passages(tmp_path / "notext.jsonl")
+    with pytest.raises(SettingsError, match="no such file"):
+        read_passages(tmp_path / "missing.jsonl")
+    ix = PassageIndex.build(rag / "passages.jsonl", tiny)
+    with pytest.raises(SettingsError, match="n_docs: 81, but the index holds 80 passages; expected at most 80"):
+        Retriever(tiny, ix, RetrievalSettings(n_docs=81))
+    r = Retriever(tiny, ix, RetrievalSettings(n_docs=80))
+    assert len(r.retrieve(["where"])[0]) == 80  # the whole index is fine
+    with pytest.raises(DataError, match="record 'q7': the question is [0-9]+ encoder tokens; expected at most 128"):
+        r.retrieve(["short", "word " * 150], ids=["q1", "q7"])  # the tiny encoder has 128 positions
+    with pytest.raises(SettingsError, match="retrieval_vector_size: 768, but the index and encoder are 64 wide"):
+        Retriever(tiny, ix, RetrievalSettings(retrieval_vector_size=768))
+
+
+def test_documents_go_into_the_last_user_message(tiny, rag):
+    rec = {"id": "r", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Where does Ardone live?"},
+                                   {"role": "bot", "content": "Ardone lives in Tamemo."}]}
+    assert question_of(rec) == "Where does Ardone live?"
+    docs = [{"title": "A", "text": "one two three"}, {"title": "", "text": "four"}]
+    out = with_documents(rec, docs, RetrievalSettings(doc_sep="<doc_sep>"))
+    assert out["messages"][1]["content"] == "A / one two three<doc_sep>four<doc_sep>Where does Ardone live?"
+    assert rec["messages"][1]["content"] == "Where does Ardone live?" and out["messages"][2] == rec["messages"][2]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(zoo.get("tiny-llama"))
+    cut = with_documents(rec, [{"title": "", "text": "alpha beta gamma delta epsilon zeta eta theta"}], RetrievalSettings(max_doc_length=3), tok)
+    assert len(tok(cut["messages"][1]["content"].split(" // ")[0], add_special_tokens=False)["input_ids"]) <= 3
