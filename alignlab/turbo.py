@@ -57,6 +57,7 @@ TAKEN_BY = {
     # RAG (17a_retrieval): the index, the retrieval and the RAG model (generator + question encoder)
     "RAGIndexSettings": "retrieval.IndexSettings", "RAGRetrievalSettings": "retrieval.RetrievalSettings",
     "RAGPreTrainedModelSettings": "retrieval.RAGModelSettings",
+    "RAGSingleModelInferenceSettings": "rag_inference.RAGModelInferenceSettings", "RAGInferenceExperimentSettings": "rag_inference.RAGInferenceSettings",
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
@@ -66,7 +67,7 @@ _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
     **{c: _PREF for c in "DDPOTrainExperimentSettings DDPODatasetSettings".split()},
-    **{c: _RAG for c in "RAGTrainExperimentSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
+    **{c: _RAG for c in "RAGTrainExperimentSettings".split()},
     **{c: _MM for c in ("MultimodalCherryPickSettings MultimodalDatasetSettings MultimodalDatasetProcessingSettings ModalityEncoderSettings "
                         "ModalityReaderSettings PreTrainedMultiModalModel MultimodalSingleModelInferenceSettings "
                         "MultimodalInferenceExperimentSettings MultimodalTrainExperimentSettings").split()},

@@ -122,3 +122,61 @@ def test_documents_go_into_the_last_user_message(tiny, rag):
     tok = AutoTokenizer.from_pretrained(zoo.get("tiny-llama"))
     cut = with_documents(rec, [{"title": "", "text": "alpha beta gamma delta epsilon zeta eta theta"}], RetrievalSettings(max_doc_length=3), tok)
     assert len(tok(cut["messages"][1]["content"].split(" // ")[0], add_special_tokens=False)["input_ids"]) <= 3
+
+
+# --- online inference (17b_rag_inference) ---
+
+def _rag_inference_settings(tmp_path, rag, n_docs=2):
+    import json
+    recs = [json.loads(l) for l in (rag / "val.jsonl").read_text().splitlines()[:6]]
+    recs = [{**r, "messages": r["messages"][:-1]} for r in recs]
+    recs.append({"id": "too-long", "messages": [{"role": "user", "content": "why " * 200}]})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    from alignlab.data import chat_settings
+    return {"inference_settings": [{
+                "model_settings": {"generator_settings": {"model_path": "tiny-llama", "model_type": "causal",
+                                                          "transformers_settings": {"torch_dtype": "float32"}},
+                                   "question_encoder_settings": {"model_path": "tiny-encoder", "model_type": "encoder"},
+                                   "index_settings": {"index_path": str(tmp_path / "p.faiss"), "passages_path": str(rag / "passages.jsonl")},
+                                   "retrieval_settings": {"n_docs": n_docs, "doc_sep": " // "}},
+                "tokenizer_settings": {}, "batch": 1,
+                "generation_settings": [{"transformers_settings": {"do_sample": False, "max_new_tokens": 8, "stop_strings": None}}]}],
+            "dataset_settings": chat_settings(tmp_path / "q.jsonl", max_tokens_count=512), "save_path": str(tmp_path / "out")}
+
+
+def test_inference_rag_cli_equals_python_entry(tmp_path, rag):
+    import json
+    from alignlab.cli import main
+    from alignlab.data import read_records
+    from alignlab.rag_inference import RAGPipeline, RAGInferenceSettings
+    st = _rag_inference_settings(tmp_path, rag)
+    (tmp_path / "rag.json").write_text(json.dumps(st))
+    assert main(["inference_rag", "--inference_settings_path", str(tmp_path / "rag.json")]) == 0
+    out = [json.loads(l) for l in (tmp_path / "out" / "rag_m0_g0.jsonl").read_text().splitlines()]
+    info = json.loads((tmp_path / "out" / "info.json").read_text())["rag_m0_g0.jsonl"]
+    assert len(out) == 6 and [e["id"] for e in info["errors"]] == ["too-long"] and "encoder tokens" in info["errors"][0]["error"]
+    for o in out:
+        assert len(o["doc_ids"]) == 2 and len(o["doc_scores"]) == 2 and o["doc_scores"][0] >= o["doc_scores"][1]
+        assert o["doc_ids"][0].startswith("doc-") and o["documents"][0] and "//" not in o["messages"][-1]["content"]
+    s = RAGInferenceSettings.model_validate(st)  # the Python entry, same settings: identical answers, documents and scores
+    pipe = RAGPipeline(s.inference_settings[0])
+    errors = []
+    py = pipe.generate(read_records(s.dataset_settings, inference=True), s.inference_settings[0].generation_settings[0], errors=errors)
+    assert [e["id"] for e in errors] == ["too-long"]
+    key = lambda o: (o["id"], o["answers"][0]["content"], o["doc_ids"], o["doc_scores"], o["documents"], o["messages"])
+    assert [key(o) for o in py] == [key(o) for o in out]
+
+
+def test_the_prompt_holds_the_documents_through_the_template(tmp_path, rag):
+    "The generator's prompt is the chat template's rendering of the record with its documents (what the inspector shows)."
+    from alignlab.data import read_records
+    from alignlab.datasets import build_dataset
+    from alignlab.rag_inference import RAGPipeline, RAGInferenceSettings, records_with_documents
+    s = RAGInferenceSettings.model_validate(_rag_inference_settings(tmp_path, rag, n_docs=1))
+    pipe = RAGPipeline(s.inference_settings[0])
+    recs = read_records(s.dataset_settings, inference=True)
+    aug, hits, errs = records_with_documents(recs, pipe.retriever, pipe.tokenizer)
+    ds = build_dataset(s.dataset_settings, pipe.tokenizer, inference=True, records=aug)
+    text = pipe.tokenizer.decode(ds.store[0][0].tolist())
+    assert hits[0][0]["text"] in text and text.index(hits[0][0]["text"]) < text.index(recs[0]["messages"][-1]["content"])
+    assert len(aug) == len(recs) - 1 and errs[0]["id"] == "too-long"
