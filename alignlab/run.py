@@ -7,24 +7,30 @@ __all__ = ['LARGE_TRAIN_SET', 'ExperimentSettings', 'check_model', 'make_trainer
            'LiveLossPlot', 'export_chat_template', 'train']
 
 # %% ../nbs/10_run.ipynb #7b89296c
-import json, logging, math, sys, time
+import importlib, json, logging, math, sys, time
 from pathlib import Path
 from typing import Optional
-from pydantic import Field, SerializeAsAny, model_validator
+from typing import Annotated, Union
+from pydantic import Discriminator, Field, SerializeAsAny, Tag, model_validator
 from .settings import Settings, SettingsError, load_settings
 from .data import DatasetSettings
 from .models import ModelSettings, TokenizerSettings, SpecialTokensSettings
+from .retrieval import RAGModelSettings
 from .cherry_pick_settings import CherryPickSettings
 from .train import TrainerSettings, ClassificationLossSettings, _has_accelerator, fit
 from .checkpoints import check_run_dir
 from .recipes import Recipe, RECIPES, recipe
 
 # %% ../nbs/10_run.ipynb #38e353e5
+def _model_kind(ms:dict) -> str:
+    "The model kind raw `model_settings` name: 'rag' for turbo's RAG model (generator_settings), else its model_type (default 'causal')."
+    return "rag" if "generator_settings" in ms else ms.get("model_type", "causal")
+
 def _recipe_of(data:dict):
     "The recipe raw settings `data` name (training dataset_type and model_type), or None where they do not name one yet."
     tds, ms = data.get("train_dataset_settings"), data.get("model_settings")
     kind = tds.get("dataset_type", "chat") if isinstance(tds, dict) else getattr(tds, "dataset_type", None)
-    mt = ms.get("model_type", "causal") if isinstance(ms, dict) else getattr(ms, "model_type", None)
+    mt = _model_kind(ms) if isinstance(ms, dict) else getattr(ms, "model_type", None)
     return next((r for r in RECIPES if r.dataset_type == kind and r.model_type == mt), None)
 
 def _whole(r:Recipe, ts:dict):
@@ -37,7 +43,8 @@ class ExperimentSettings(Settings):
     "The guide's train settings (`train_sft`, `train_classification`, `train_rm`, `train_dpo`, `train_kto`)."
     log_path: str = "train_output"
     seed: int = 42
-    model_settings: ModelSettings
+    model_settings: Annotated[Union[Annotated[ModelSettings, Tag("ModelSettings")], Annotated[RAGModelSettings, Tag("RAGModelSettings")]],
+                              Discriminator(lambda v: "RAGModelSettings" if (isinstance(v, dict) and "generator_settings" in v) or isinstance(v, RAGModelSettings) else "ModelSettings")]
     tokenizer_settings: TokenizerSettings = Field(default_factory=TokenizerSettings)
     special_tokens_settings: Optional[SpecialTokensSettings] = None
     train_dataset_settings: DatasetSettings
@@ -65,7 +72,7 @@ class ExperimentSettings(Settings):
         r = recipe(dataset_type=kind, model_type=self.model_settings.model_type, where="train_dataset_settings.dataset_type")
         if self.val_dataset_settings and self.val_dataset_settings.dataset_type != kind:
             raise SettingsError(f"val_dataset_settings.dataset_type: {self.val_dataset_settings.dataset_type!r}, but the training data is {kind!r}; expected the same")
-        n = self.model_settings.model_kwargs.get("num_labels")
+        n = getattr(self.model_settings, "model_kwargs", {}).get("num_labels")  # a RAG model_settings has none
         if n is not None and not r.labels_fit(n):
             raise SettingsError(f"model_settings.num_labels: {n}, but {r.name} ({r.what}) needs {r.labels_wanted}; expected {r.num_labels[0]}")
         for on, flag, what in ((self.packing, "packs", "packing"), (self.loss_settings, "has_loss_settings", "trainer_settings.loss_settings"),
@@ -97,6 +104,7 @@ class ExperimentSettings(Settings):
 def _head_kind(model) -> str:
     m = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     name = type(m).__name__
+    if getattr(m, "alignlab_kind", None): return m.alignlab_kind  # a composite model (RAG: generator + question encoder)
     return "seq_cls" if name.endswith("ForSequenceClassification") else ("causal" if name.endswith("ForCausalLM") else name)
 
 def check_model(r:Recipe, # the recipe whose `model_type` and `num_labels` the model must have
@@ -178,7 +186,8 @@ def make_trainer(objective, # a recipe's name ('sft', 'classification', 'rm', 'd
     callbacks = list(callbacks) + list(attrs.pop("callbacks", ()))  # a recipe's own (the DPO reference's sync)
     notes = first + list(args.alignlab_notes) + list(notes)
     from alignlab import trainers  # imports transformers.Trainer (seconds): only when a trainer is built
-    trainer = getattr(trainers, r.trainer)(model=model, args=args, data_collator=r.collator(pad_id, packing), train_dataset=train_dataset,
+    cls = getattr(trainers, r.trainer) if "." not in r.trainer else getattr(importlib.import_module(f"alignlab.{r.trainer.rsplit('.', 1)[0]}"), r.trainer.rsplit(".", 1)[1])
+    trainer = cls(model=model, args=args, data_collator=r.collator(pad_id, packing), train_dataset=train_dataset,
                                            eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=list(callbacks),
                                            compute_metrics=r.metrics)
     for k, v in attrs.items(): setattr(trainer, k, v)
@@ -311,7 +320,7 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
         recs = (read_records(s.train_dataset_settings, name="train"),
                 read_records(s.val_dataset_settings, name="val") if s.val_dataset_settings else None)
     transformers.set_seed(s.seed)  # the adapter's initialization: same seed, same run, whichever door it came in by
-    model, tok = load_model(s.model_settings, s.tokenizer_settings, s.special_tokens_settings)
+    model, tok = (r.load or load_model)(s.model_settings, s.tokenizer_settings, s.special_tokens_settings)
     if datasets is not None: train_ds, val_ds = datasets  # tokenized once: a large dataset is not built again
     else:
         train_ds = build_dataset(s.train_dataset_settings, tok, name="train", records=recs[0])

@@ -320,7 +320,7 @@ def build_tiny_encoder(out:Path, # the (empty) folder to write into; `get` passe
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    model = BertModel(cfg, add_pooling_layer=False)
+    model = BertModel(cfg)  # the pooler is unused (mean pooling) but kept: AutoModel loads it without a warning
     model.save_pretrained(out); tok.save_pretrained(out)
     return dict(parameters=sum(p.numel() for p in model.parameters()), hidden_size=64, max_position_embeddings=128, tokenizer="tiny-wordpiece")
 

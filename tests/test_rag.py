@@ -180,3 +180,65 @@ def test_the_prompt_holds_the_documents_through_the_template(tmp_path, rag):
     text = pipe.tokenizer.decode(ds.store[0][0].tolist())
     assert hits[0][0]["text"] in text and text.index(hits[0][0]["text"]) < text.index(recs[0]["messages"][-1]["content"])
     assert len(aug) == len(recs) - 1 and errs[0]["id"] == "too-long"
+
+
+# --- end-to-end training (17c_rag_training) ---
+
+def test_rag_loss_shift_and_marginal():
+    import torch
+    from alignlab.rag_training import answer_logprobs, rag_sequence_loss, IGNORE_INDEX
+    logits = torch.full((1, 3, 5), -30.); logits[0, 1, 3] = 30.  # position 1 predicts token 3, the label at position 2
+    lp, n = answer_logprobs(logits, torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3]]))
+    assert abs(lp.item()) < 1e-4 and n.item() == 1
+    s = torch.tensor([[2., 0.]], requires_grad=True)
+    loss = rag_sequence_loss(s, torch.tensor([[-1., -5.]]))
+    assert abs(loss.item() - 1.1242) < 1e-3
+    loss.backward(); assert s.grad[0, 0] < 0 < s.grad[0, 1]
+    s1 = torch.tensor([[2.]], requires_grad=True)
+    rag_sequence_loss(s1, torch.tensor([[-1.]])).backward()
+    assert s1.grad.abs().sum() == 0  # one document: nothing reaches the scores (turbo's n_docs=1)
+
+
+def test_question_encoder_gets_gradient_and_changes_through_train_rag(tmp_path):
+    import torch
+    from alignlab.run import train, ExperimentSettings
+    from alignlab.rag_training import rag_train_settings
+    st = rag_train_settings(tmp_path / "run", n_docs=2, steps=2, batch_size=4)
+    assert ExperimentSettings.model_validate(st).objective == "rag"
+    before = {k: v.clone() for k, v in QuestionEncoder("tiny-encoder").model.state_dict().items()}
+    s = train(st, progress=False)
+    out = Path(s["model_dir"])
+    after = QuestionEncoder(out / "question_encoder").model.state_dict()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-5
+    saved = json.loads((out / "rag_model_settings.json").read_text())
+    assert saved["question_encoder_settings"]["model_path"] == str(out / "question_encoder")
+    # the trained question encoder is accepted for the index its passage encoder built; the original is too
+    ist = IndexSettings(**saved["index_settings"])
+    assert len(open_index(ist, QuestionEncoder(out / "question_encoder"))) == 80
+
+
+def test_rows_pair_questions_with_their_documents_and_n_docs_1_freezes_the_encoder(tmp_path):
+    import torch
+    from alignlab.data import read_records, chat_settings
+    from alignlab.datasets import build_dataset
+    from alignlab.rag_training import load_rag_model, rag_train_settings, _rag_inputs
+    st = rag_train_settings(tmp_path, n_docs=3)
+    model, tok = load_rag_model(st["model_settings"], log=lambda m: None)
+    ds = build_dataset(st["train_dataset_settings"], tok)
+    model.use_template(ds)
+    recs = [ds.records[int(i)] for i in ds.rows[:2]]
+    scores, rows, ids, attn, labels, ok = _rag_inputs(model, recs)
+    assert scores.shape == (2, 3) and ids.shape[0] == 6 and ok.all()
+    for r in range(6):
+        b, k = divmod(r, 3)
+        text = tok.decode(ids[r][attn[r].bool()].tolist())
+        assert recs[b]["messages"][0]["content"] in text and model.retriever.index.passages[rows[b, k]]["text"] in text
+        ans = tok.decode(ids[r][labels[r] != -100].tolist())
+        assert recs[b]["messages"][-1]["content"] in ans  # the loss is on question b's own answer
+    out = model(recs)
+    out["loss"].backward()
+    g = [p.grad for p in model.question_encoder.parameters()]
+    assert any(x is not None and x.abs().sum() > 0 for x in g)
+    st1 = rag_train_settings(tmp_path, n_docs=1)
+    m1, _ = load_rag_model(st1["model_settings"], log=lambda m: None)
+    assert not any(p.requires_grad for p in m1.question_encoder.parameters()) and not m1.train_encoder
