@@ -51,19 +51,13 @@ def _train(a):
 
 def _infer(a):
     from alignlab.inference import run_inference
-    out = run_inference(a.inference_settings_path, a.command.removeprefix("inference_"))
+    if a.command == "inference_rag": from alignlab.rag_inference import run_rag_inference as run  # turbo's RAG JSON: its own settings
+    else: run = lambda p: run_inference(p, a.command.removeprefix("inference_"))
+    out = run(a.inference_settings_path)
     info = json.loads((out/"info.json").read_text()) if (out/"info.json").exists() else {}
     print(json.dumps({"save_path": str(out), "outputs": info}, indent=1, default=str))
     failed = sum(len(v.get("errors", [])) for v in info.values() if isinstance(v, dict))
     if failed: print(f"alignlab {a.command}: {failed} record(s) failed to generate; see errors in {out/'info.json'}", file=sys.stderr)
-
-def _infer_rag(a):
-    from alignlab.rag_inference import run_rag_inference
-    out = run_rag_inference(a.inference_settings_path)
-    info = json.loads((out/"info.json").read_text())
-    print(json.dumps({"save_path": str(out), "outputs": info}, indent=1, default=str))
-    failed = sum(len(v.get("errors", [])) for v in info.values() if isinstance(v, dict))
-    if failed: print(f"alignlab inference_rag: {failed} record(s) not answered; see errors in {out/'info.json'}", file=sys.stderr)
 
 def _sample(a):
     from alignlab import sampling
@@ -120,12 +114,6 @@ def parser() -> argparse.ArgumentParser:
         i.add_argument("--inference_settings_path", "--experiment_settings_path", dest="inference_settings_path", required=True,
                        help="the guide's inference JSON: inference_settings, dataset_settings, save_path")
         i.set_defaults(func=_infer)
-    i = sub.add_parser("inference_rag", help="online RAG: retrieve for each chat record (question encoder + faiss index), generate, "
-                       "write each answer with its document ids and scores")
-    i.add_argument("--inference_settings_path", "--experiment_settings_path", dest="inference_settings_path", required=True,
-                   help="turbo's RAG inference JSON: inference_settings (model_settings: generator, question encoder, index, retrieval), "
-                        "dataset_settings, save_path")
-    i.set_defaults(func=_infer_rag)
     d = sub.add_parser("docs", help="render the docs site (Quarto if installed, else nbconvert) or the README")
     d.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb")
     d.add_argument("--no_quarto", action="store_true", help="use the nbconvert renderer even where quarto exists")

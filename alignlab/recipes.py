@@ -176,7 +176,9 @@ RECIPES = (
            collator=_kto_collator, trainer_settings=KTOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
            whole_trainer_settings=True, check=_check_preference),
     Recipe("rag", "chat", "ChatDataset", "rag", "a RAG model end to end (generator + question encoder, RAG-sequence loss) on chat data",
-           "rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load),
+           "rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load,
+           inference="rag", inference_dataset_type="chat", inference_what="online RAG: retrieve for each chat record (question encoder + "
+           "faiss index), generate, write each answer with its document ids and scores"),
 )
 
 # %% ../nbs/09_recipes.ipynb #e5f6db1d
