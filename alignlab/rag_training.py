@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'answer_logprobs', 'rag_sequence_loss', 'pair_rows', 'RAGSequenceModel', 'load_rag_model',
-           'RecordsDataset', 'RecordsCollator', 'rag_prepare', 'RAGTrainer', 'save_rag_model', 'rag_train_settings',
-           'recall_at', 'rag_recall_demo']
+           'RecordsDataset', 'RecordsCollator', 'rag_prepare', 'RAGTrainer', 'save_rag_model', 'RAGCherryPickCallback',
+           'rag_train_settings', 'recall_at', 'rag_recall_demo']
 
-# %% ../nbs/17c_rag_training.ipynb #0b6f729f
+# %% ../nbs/17c_rag_training.ipynb #5e14a050
 import json
 from pathlib import Path
 import numpy as np
@@ -18,7 +18,7 @@ from .models import load_model
 from .retrieval import RAGModelSettings, QuestionEncoder, Retriever, open_index, with_documents, question_of
 from .trainers import AlignTrainer
 
-# %% ../nbs/17c_rag_training.ipynb #fe3f4eb1
+# %% ../nbs/17c_rag_training.ipynb #10240819
 IGNORE_INDEX = -100
 
 def answer_logprobs(logits, # (rows, T, V) generator logits
@@ -40,14 +40,14 @@ def rag_sequence_loss(doc_scores, # (B, K) question·document scores (gradient t
     if n_tokens is not None: marg = marg / n_tokens.clamp(min=1).to(marg)
     return -marg.mean()
 
-# %% ../nbs/17c_rag_training.ipynb #18b336fe
+# %% ../nbs/17c_rag_training.ipynb #c52f3ed0
 def pair_rows(rows:np.ndarray, # (B, K) retrieved passage rows per question
              ) -> list:
     "`(b, passage row)` for generator row `b*K + k`: question `b` with its `k`-th document."
     B, K = rows.shape
     return [(b, int(rows[b, k])) for b in range(B) for k in range(K)]
 
-# %% ../nbs/17c_rag_training.ipynb #b775e8ed
+# %% ../nbs/17c_rag_training.ipynb #ce2c4fec
 class RAGSequenceModel(torch.nn.Module):
     "Generator + question encoder + index, trained with the RAG-sequence loss; `forward(records)` returns `{loss, doc_scores, doc_logprobs, doc_rows}`."
     alignlab_kind = "rag"  # the recipes table's model kind
@@ -78,7 +78,7 @@ class RAGSequenceModel(torch.nn.Module):
         ix = self.retriever.index.index
         return torch.from_numpy(ix.reconstruct_batch(rows.reshape(-1).astype("int64")).reshape(*rows.shape, ix.d))
 
-# %% ../nbs/17c_rag_training.ipynb #18576ca5
+# %% ../nbs/17c_rag_training.ipynb #0115d0e7
 def _pad(seqs:list, value:int) -> torch.Tensor:
     n = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
@@ -111,7 +111,7 @@ def _forward(self, records:list, # chat records, each ending with its bot answer
 
 RAGSequenceModel.forward = _forward
 
-# %% ../nbs/17c_rag_training.ipynb #d97342d2
+# %% ../nbs/17c_rag_training.ipynb #ec287e5f
 def load_rag_model(model_settings, # turbo's RAG `model_settings` (dict or `RAGModelSettings`)
                    tokenizer_settings=None, # the generator's tokenizer settings
                    special_tokens_settings=None, # special tokens for the generator's tokenizer
@@ -124,7 +124,7 @@ def load_rag_model(model_settings, # turbo's RAG `model_settings` (dict or `RAGM
     ret = Retriever(enc, open_index(ms.index_settings, enc, log=log), ms.retrieval_settings)
     return RAGSequenceModel(gen, tok, ret, ms), tok
 
-# %% ../nbs/17c_rag_training.ipynb #f6ed04fb
+# %% ../nbs/17c_rag_training.ipynb #8dd31ee3
 class RecordsDataset(torch.utils.data.Dataset):
     "The kept records of a chat dataset, as `{'records': record}` items."
     def __init__(self, ds, # a chat dataset from `build_dataset`
@@ -148,7 +148,7 @@ def rag_prepare(model:RAGSequenceModel, # the RAG model
     attrs = {"eval_dataset": RecordsDataset(eval_dataset)} if eval_dataset is not None else {}
     return RecordsDataset(train_dataset), attrs, notes
 
-# %% ../nbs/17c_rag_training.ipynb #13e04622
+# %% ../nbs/17c_rag_training.ipynb #0d1feb1c
 class RAGTrainer(AlignTrainer):
     "The RAG-sequence loss; the question encoder in its own parameter group (`encoder_learning_rate`); saves generator and encoder."
     def compute_loss(self, model, # the RAGSequenceModel
@@ -184,7 +184,7 @@ class RAGTrainer(AlignTrainer):
              ):
         save_rag_model(self.model, output_dir or self.args.output_dir)
 
-# %% ../nbs/17c_rag_training.ipynb #3106aba0
+# %% ../nbs/17c_rag_training.ipynb #d0fa0580
 def save_rag_model(model:RAGSequenceModel, # the trained RAG model
                    out, # the directory: generator/, question_encoder/, rag_model_settings.json
                   ) -> Path:
@@ -203,7 +203,46 @@ def save_rag_model(model:RAGSequenceModel, # the trained RAG model
     (out/"rag_model_settings.json").write_text(json.dumps(ms, indent=1))
     return out
 
-# %% ../nbs/17c_rag_training.ipynb #c2f05259
+# %% ../nbs/17c_rag_training.ipynb #f9ab87b7
+from .trainers import CherryPickCallback
+
+def _rag_cherry_logs(cp, model, step:int, now:str) -> dict:
+    "Generate with retrieval on each cherry-pick dataset, score, store with doc ids and scores; the averages to log."
+    from alignlab.cherry_picks import _cherry_prompts, _review_records, compute_metrics, append_records
+    from alignlab.datasets import build_dataset
+    from alignlab.generate import generate
+    from alignlab.rag_inference import records_with_documents
+    st, tok, logs = cp.settings, cp.tokenizer, {}
+    for name, ds in cp.datasets.items():
+        recs = [ds.records[int(i)] for i in ds.rows]
+        aug, hits, _ = records_with_documents(recs, model.retriever, tok)
+        sst = st.dataset_settings.model_copy(update={"sources": [s for s in st.dataset_settings.sources if s.name == name]})
+        ads = build_dataset(sst, tok, inference=True, name=name, records=Records(aug, [f"{name}[{i}]" for i in range(len(aug))], [], sst, name, True))
+        prompts, arecs, chats, labels = _cherry_prompts(ads)
+        ans = generate(model.generator, tok, prompts, st.generator_transformers_settings, st.custom_generation_settings, ids=[r["id"] for r in arecs])
+        vals, avgs, _ = compute_metrics(st.metric_settings, prompts, ans, labels, tok, model=model.generator, chats=chats,
+                                        ref_models=cp.ref_models, reward=cp.reward, batch_size=st.custom_generation_settings.batch)
+        docs = {r["id"]: h for r, h in zip(aug, hits)}
+        out = _review_records(step, name, arecs, chats, labels, ans, vals, now)
+        for o in out: o.update(doc_ids=[d["id"] for d in docs[o["record_id"]]], doc_scores=[round(d["score"], 6) for d in docs[o["record_id"]]])
+        append_records(cp.store_path, out)
+        gold = [(r.get("meta") or {}).get("passage_id") for r in aug]
+        if any(gold): avgs["retrieval_recall"] = sum(g in [d["id"] for d in h] for g, h in zip(gold, hits) if g) / sum(map(bool, gold))
+        logs.update({f"cherry_pick/{name}/{k}": v for k, v in avgs.items()})
+    return logs
+
+class RAGCherryPickCallback(CherryPickCallback):
+    "Chat cherry-picks for `train_rag`: generate with retrieval (the encoder as it is now); review records carry `doc_ids` and `doc_scores`."
+    def _generate(self, model, # the RAGSequenceModel
+                  step:int, # the training step
+                  now:str, # the evaluation's UTC time
+                 ) -> dict:
+        "Generate with retrieval on each dataset, score, store with the retrieved documents; the averages to log."
+        return _rag_cherry_logs(self, model, step, now)
+
+RAGSequenceModel.alignlab_cherry_picks = RAGCherryPickCallback  # `run.train` builds this callback for a RAG model
+
+# %% ../nbs/17c_rag_training.ipynb #f885f733
 def rag_train_settings(run_dir, # the run directory (log_path)
                        generator:str="tiny-llama", # the generator's path or zoo name
                        encoder:str="tiny-encoder", # the question encoder's path or zoo name
@@ -228,7 +267,7 @@ def rag_train_settings(run_dir, # the run directory (log_path)
                                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, eval_strategy="no",
                                      save_strategy="no", fp16=False, load_best_model_at_end=False, report_to=[])}
 
-# %% ../nbs/17c_rag_training.ipynb #e327ed35
+# %% ../nbs/17c_rag_training.ipynb #c1680405
 def recall_at(retriever:Retriever, # the retriever to measure
               records:list, # chat records with `meta.passage_id` (the gold passage)
               ks:tuple=(1, 4), # the cut-offs

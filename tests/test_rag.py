@@ -242,3 +242,24 @@ def test_rows_pair_questions_with_their_documents_and_n_docs_1_freezes_the_encod
     st1 = rag_train_settings(tmp_path, n_docs=1)
     m1, _ = load_rag_model(st1["model_settings"], log=lambda m: None)
     assert not any(p.requires_grad for p in m1.question_encoder.parameters()) and not m1.train_encoder
+
+
+def test_rag_cherry_picks_store_retrieved_documents(tmp_path):
+    from alignlab.run import train
+    from alignlab.rag_training import rag_train_settings
+    from alignlab.data import chat_settings
+    from alignlab.review_store import read_review_store
+    rag = zoo.get("rag")
+    st = rag_train_settings(tmp_path / "run", n_docs=2, steps=1, batch_size=4)
+    st["val_dataset_settings"] = {**chat_settings(rag / "val.jsonl", max_tokens_count=384),
+                                  "sources": [{"name": "val", "records_path": str(rag / "val.jsonl"), "num_samples": 4}]}
+    st["trainer_settings"].update(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+    st["cherry_pick_settings"] = {"dataset_settings": {**chat_settings(rag / "val.jsonl", max_tokens_count=384),
+                                                       "sources": [{"name": "rag_val", "records_path": str(rag / "val.jsonl"), "num_samples": 5}]},
+                                  "metric_settings": [{"type": "length"}],
+                                  "generator_transformers_settings": {"max_new_tokens": 4, "do_sample": False}, "custom_generation_settings": {"batch": 8}}
+    s = train(st, progress=False)
+    store = tmp_path / "run" / "cherry_picks.jsonl"
+    rows = [json.loads(l) for l in store.read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["doc_ids"]) == 2 and len(r["doc_scores"]) == 2 for r in rows)
+    assert all(r["dataset"] == "rag_val" and r["doc_ids"][0].startswith("doc-") for r in rows)
