@@ -330,8 +330,31 @@ class _ReferenceChain(_PreferenceChain):
             raise SettingsError(f"reference: {kind!r}, but with use_ref_model false the {self._goal} loss reads {got!r}; expected {got!r} or 'initial'")
         return self._objective(self._goal, ts)
 
+# %% ../nbs/11_experiment.ipynb #e51e4877
+class _RAGChain(_ReferenceChain):
+    "The chain's RAG call: the model becomes a RAG model's generator, with a question encoder and an index (`train_rag`, 17c)."
+    def rag(self, passages, # the passages: a JSONL file (id, title, text) or turbo's `datasets` folder; a zoo dataset name: its passages.jsonl
+            encoder:str="all-MiniLM-L6-v2", # the question encoder: a local directory, a zoo name or 'all-MiniLM-L6-v2'
+            index=None, # the faiss index file (built there on first use); None: beside the passages (`<passages>.faiss`)
+            n_docs:int=2, # documents marginalised over (1 trains no encoder: no gradient reaches it)
+            encoder_learning_rate:float=None, # the question encoder's learning rate; None: the trainer's
+            **retrieval, # more `retrieval_settings`: doc_sep, title_sep, prefix, max_doc_length, query_encoder_max_length, ...
+           ) -> "Experiment":
+        "Train end to end with retrieval (`train_rag`): the model set by `.model(...)` generates, `encoder` retrieves from `passages`."
+        from alignlab import zoo
+        ms = self._d.get("model_settings")
+        if ms is None: raise SettingsError("rag: no model yet; expected .model(...) (the generator) before .rag(...)")
+        gen = ms.get("generator_settings", ms)
+        if isinstance(passages, str) and passages in zoo.ITEMS: passages = zoo.get(passages)/"passages.jsonl"
+        rs = {"n_docs": n_docs, **({"encoder_learning_rate": encoder_learning_rate} if encoder_learning_rate is not None else {}), **retrieval}
+        rag = {"generator_settings": gen, "question_encoder_settings": {"model_path": str(encoder), "model_type": "encoder"},
+               "index_settings": {"index_path": str(index or Path(str(passages) + ".faiss")), "passages_path": str(passages)},
+               "retrieval_settings": rs}
+        out = self._set(model_settings=rag); self._goal = self._explicit_type = "rag"
+        return out
+
 # %% ../nbs/11_experiment.ipynb #e11c0003
-class _Plan(_ReferenceChain):
+class _Plan(_RAGChain):
     "What `fit()` will do, computed before anything heavy runs."
     def _tokenizer(self, s):
         if "tok" not in self._cache:

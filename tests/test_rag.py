@@ -263,3 +263,20 @@ def test_rag_cherry_picks_store_retrieved_documents(tmp_path):
     rows = [json.loads(l) for l in store.read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["doc_ids"]) == 2 and len(r["doc_scores"]) == 2 for r in rows)
     assert all(r["dataset"] == "rag_val" and r["doc_ids"][0].startswith("doc-") for r in rows)
+
+
+def test_fluent_rag_equals_the_json_settings(tmp_path):
+    from alignlab.experiment import Experiment
+    from alignlab.run import ExperimentSettings
+    from alignlab.rag_training import rag_train_settings
+    rag = zoo.get("rag")
+    j = ExperimentSettings.model_validate(rag_train_settings(tmp_path, n_docs=2, encoder_lr=1e-3))
+    e = (Experiment(run_dir=tmp_path, seed=0).model("tiny-llama", transformers_settings={"torch_dtype": "float32"})
+         .chat_dataset(rag / "train.jsonl", max_tokens_count=384)
+         .rag("rag", encoder="tiny-encoder", index=tmp_path / "passages.faiss", n_docs=2, encoder_learning_rate=1e-3))
+    s = e.settings()
+    assert s.objective == "rag" and s.model_settings == j.model_settings
+    back = Experiment.from_settings(e.to_settings()).settings()
+    assert back.model_settings == s.model_settings and back.objective == "rag"
+    with pytest.raises(SettingsError, match="expected .model"):
+        Experiment().rag("rag")
