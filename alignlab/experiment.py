@@ -331,6 +331,10 @@ class _ReferenceChain(_PreferenceChain):
         return self._objective(self._goal, ts)
 
 # %% ../nbs/11_experiment.ipynb #e51e4877
+def _generator(s) -> ModelSettings:
+    "The model settings the plan describes: the model, or a RAG model's generator."
+    return getattr(s.model_settings, "generator_settings", s.model_settings)
+
 class _RAGChain(_ReferenceChain):
     "The chain's RAG call: the model becomes a RAG model's generator, with a question encoder and an index (`train_rag`, 17c)."
     def rag(self, passages, # the passages: a JSONL file (id, title, text) or turbo's `datasets` folder; a zoo dataset name: its passages.jsonl
@@ -359,9 +363,9 @@ class _Plan(_RAGChain):
     def _tokenizer(self, s):
         if "tok" not in self._cache:
             from alignlab.models import load_tokenizer, set_special_tokens
-            tok = load_tokenizer(s.tokenizer_settings, resolve_path(s.model_settings.model_path))
+            tok = load_tokenizer(s.tokenizer_settings, resolve_path(_generator(s).model_path))
             set_special_tokens(tok, s.special_tokens_settings)
-            new = [t for t in (s.model_settings.embeddings_initialization_strategy or {}) if t not in tok.get_vocab()]
+            new = [t for t in (_generator(s).embeddings_initialization_strategy or {}) if t not in tok.get_vocab()]
             if new: tok.add_tokens(new, special_tokens=True)  # as models.add_new_tokens does, so the plan tokenizes as training will
             self._cache["tok"] = tok
         return self._cache["tok"]
@@ -379,7 +383,7 @@ class _Plan(_RAGChain):
         s = self.settings()
         tok = self._tokenizer(s)
         train, val = self._datasets(s, tok)
-        ms = s.model_settings
+        ms = _generator(s)  # a RAG model: its generator (the retrieval row below says the rest)
         counts, params = _parameters(ms)
         n_rows = len(train)
         notes = []
@@ -404,6 +408,7 @@ class _Plan(_RAGChain):
         if s.cherry_pick_settings:
             cp = s.cherry_pick_settings
             rows.append(("cherry-picks", f"{', '.join(m.type for m in cp.metric_settings)} on {', '.join(x.name for x in cp.dataset_settings.sources)}"))
+        if s.objective == "rag": rows.append(("retrieval", (lambda m: f"{m.question_encoder_settings.model_path} over {m.index_settings.passages_path}, n_docs {m.retrieval_settings.n_docs}")(s.model_settings)))
         if s.loss_settings: rows.append(("loss", f"focal: alpha {s.loss_settings.alpha}, gamma {s.loss_settings.gamma}"))
         if s.recipe.whole_trainer_settings: rows += _preference_rows(s, counts, len(train) + (len(val) if val is not None else 0))
         if s.logging_settings: notes.append("logging_settings (W&B / ClearML) are not used by alignlab: set trainer_settings.report_to (e.g. tensorboard)")
