@@ -197,7 +197,8 @@ def recipe(name:str=None, # an objective: 'sft', 'classification', 'rm', 'dpo' o
         rows = [r for r in RECIPES if of(r) == value]  # the first row for a dataset_type is its default objective
         if rows and key == "dataset_type" and model_type is not None:
             r = next((r for r in rows if r.model_type == model_type), None)
-            if r is None:
+            if r is None:  # (a RAG model is chosen by its model_settings' shape, not by a model_type: not offered here)
+                rows = [x for x in rows if x.model_type != "rag"] or rows
                 raise SettingsError(f"model_settings.model_type: {model_type!r}, but {value} data trains "
                                     f"{' or '.join(f'{x.name} with a {x.model_type!r} model' for x in rows)}; expected {' or '.join(repr(x.model_type) for x in rows)}")
             return r
