@@ -7,7 +7,7 @@ __all__ = ['IGNORE_INDEX', 'answer_logprobs', 'rag_sequence_loss', 'pair_rows', 
            'RecordsDataset', 'RecordsCollator', 'rag_prepare', 'RAGTrainer', 'save_rag_model', 'RAGCherryPickCallback',
            'rag_train_settings', 'recall_at', 'rag_recall_demo']
 
-# %% ../nbs/17c_rag_training.ipynb #5e14a050
+# %% ../nbs/17c_rag_training.ipynb #474c7146
 import json
 from pathlib import Path
 import numpy as np
@@ -18,7 +18,7 @@ from .models import load_model
 from .retrieval import RAGModelSettings, QuestionEncoder, Retriever, open_index, with_documents, question_of
 from .trainers import AlignTrainer
 
-# %% ../nbs/17c_rag_training.ipynb #10240819
+# %% ../nbs/17c_rag_training.ipynb #62269cba
 IGNORE_INDEX = -100
 
 def answer_logprobs(logits, # (rows, T, V) generator logits
@@ -40,14 +40,14 @@ def rag_sequence_loss(doc_scores, # (B, K) question·document scores (gradient t
     if n_tokens is not None: marg = marg / n_tokens.clamp(min=1).to(marg)
     return -marg.mean()
 
-# %% ../nbs/17c_rag_training.ipynb #c52f3ed0
+# %% ../nbs/17c_rag_training.ipynb #31ad5e3a
 def pair_rows(rows:np.ndarray, # (B, K) retrieved passage rows per question
              ) -> list:
     "`(b, passage row)` for generator row `b*K + k`: question `b` with its `k`-th document."
     B, K = rows.shape
     return [(b, int(rows[b, k])) for b in range(B) for k in range(K)]
 
-# %% ../nbs/17c_rag_training.ipynb #ce2c4fec
+# %% ../nbs/17c_rag_training.ipynb #69aa559d
 class RAGSequenceModel(torch.nn.Module):
     "Generator + question encoder + index, trained with the RAG-sequence loss; `forward(records)` returns `{loss, doc_scores, doc_logprobs, doc_rows}`."
     alignlab_kind = "rag"  # the recipes table's model kind
@@ -78,7 +78,7 @@ class RAGSequenceModel(torch.nn.Module):
         ix = self.retriever.index.index
         return torch.from_numpy(ix.reconstruct_batch(rows.reshape(-1).astype("int64")).reshape(*rows.shape, ix.d))
 
-# %% ../nbs/17c_rag_training.ipynb #0115d0e7
+# %% ../nbs/17c_rag_training.ipynb #873a6fb4
 def _pad(seqs:list, value:int) -> torch.Tensor:
     n = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
@@ -111,7 +111,7 @@ def _forward(self, records:list, # chat records, each ending with its bot answer
 
 RAGSequenceModel.forward = _forward
 
-# %% ../nbs/17c_rag_training.ipynb #ec287e5f
+# %% ../nbs/17c_rag_training.ipynb #b0d1a408
 def load_rag_model(model_settings, # turbo's RAG `model_settings` (dict or `RAGModelSettings`)
                    tokenizer_settings=None, # the generator's tokenizer settings
                    special_tokens_settings=None, # special tokens for the generator's tokenizer
@@ -124,7 +124,7 @@ def load_rag_model(model_settings, # turbo's RAG `model_settings` (dict or `RAGM
     ret = Retriever(enc, open_index(ms.index_settings, enc, log=log), ms.retrieval_settings)
     return RAGSequenceModel(gen, tok, ret, ms), tok
 
-# %% ../nbs/17c_rag_training.ipynb #8dd31ee3
+# %% ../nbs/17c_rag_training.ipynb #b9eef0e6
 class RecordsDataset(torch.utils.data.Dataset):
     "The kept records of a chat dataset, as `{'records': record}` items."
     def __init__(self, ds, # a chat dataset from `build_dataset`
@@ -148,7 +148,7 @@ def rag_prepare(model:RAGSequenceModel, # the RAG model
     attrs = {"eval_dataset": RecordsDataset(eval_dataset)} if eval_dataset is not None else {}
     return RecordsDataset(train_dataset), attrs, notes
 
-# %% ../nbs/17c_rag_training.ipynb #0d1feb1c
+# %% ../nbs/17c_rag_training.ipynb #d41457d4
 class RAGTrainer(AlignTrainer):
     "The RAG-sequence loss; the question encoder in its own parameter group (`encoder_learning_rate`); saves generator and encoder."
     def compute_loss(self, model, # the RAGSequenceModel
@@ -184,7 +184,7 @@ class RAGTrainer(AlignTrainer):
              ):
         save_rag_model(self.model, output_dir or self.args.output_dir)
 
-# %% ../nbs/17c_rag_training.ipynb #d0fa0580
+# %% ../nbs/17c_rag_training.ipynb #ffc83a01
 def save_rag_model(model:RAGSequenceModel, # the trained RAG model
                    out, # the directory: generator/, question_encoder/, rag_model_settings.json
                   ) -> Path:
@@ -203,7 +203,7 @@ def save_rag_model(model:RAGSequenceModel, # the trained RAG model
     (out/"rag_model_settings.json").write_text(json.dumps(ms, indent=1))
     return out
 
-# %% ../nbs/17c_rag_training.ipynb #f9ab87b7
+# %% ../nbs/17c_rag_training.ipynb #c8abb5df
 from .trainers import CherryPickCallback
 
 def _rag_cherry_logs(cp, model, step:int, now:str) -> dict:
@@ -242,7 +242,7 @@ class RAGCherryPickCallback(CherryPickCallback):
 
 RAGSequenceModel.alignlab_cherry_picks = RAGCherryPickCallback  # `run.train` builds this callback for a RAG model
 
-# %% ../nbs/17c_rag_training.ipynb #f885f733
+# %% ../nbs/17c_rag_training.ipynb #bcfe2844
 def rag_train_settings(run_dir, # the run directory (log_path)
                        generator:str="tiny-llama", # the generator's path or zoo name
                        encoder:str="tiny-encoder", # the question encoder's path or zoo name
@@ -267,7 +267,7 @@ def rag_train_settings(run_dir, # the run directory (log_path)
                                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, eval_strategy="no",
                                      save_strategy="no", fp16=False, load_best_model_at_end=False, report_to=[])}
 
-# %% ../nbs/17c_rag_training.ipynb #c1680405
+# %% ../nbs/17c_rag_training.ipynb #85be7483
 def recall_at(retriever:Retriever, # the retriever to measure
               records:list, # chat records with `meta.passage_id` (the gold passage)
               ks:tuple=(1, 4), # the cut-offs
