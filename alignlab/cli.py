@@ -51,7 +51,9 @@ def _train(a):
 
 def _infer(a):
     from alignlab.inference import run_inference
-    out = run_inference(a.inference_settings_path, a.command.removeprefix("inference_"))
+    if a.command == "inference_rag": from alignlab.rag_inference import run_rag_inference as run  # turbo's RAG JSON: its own settings
+    else: run = lambda p: run_inference(p, a.command.removeprefix("inference_"))
+    out = run(a.inference_settings_path)
     info = json.loads((out/"info.json").read_text()) if (out/"info.json").exists() else {}
     print(json.dumps({"save_path": str(out), "outputs": info}, indent=1, default=str))
     failed = sum(len(v.get("errors", [])) for v in info.values() if isinstance(v, dict))

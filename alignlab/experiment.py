@@ -330,15 +330,42 @@ class _ReferenceChain(_PreferenceChain):
             raise SettingsError(f"reference: {kind!r}, but with use_ref_model false the {self._goal} loss reads {got!r}; expected {got!r} or 'initial'")
         return self._objective(self._goal, ts)
 
+# %% ../nbs/11_experiment.ipynb #e51e4877
+def _generator(s) -> ModelSettings:
+    "The model settings the plan describes: the model, or a RAG model's generator."
+    return getattr(s.model_settings, "generator_settings", s.model_settings)
+
+class _RAGChain(_ReferenceChain):
+    "The chain's RAG call: the model becomes a RAG model's generator, with a question encoder and an index (`train_rag`, 17c)."
+    def rag(self, passages, # the passages: a JSONL file (id, title, text) or turbo's `datasets` folder; a zoo dataset name: its passages.jsonl
+            encoder:str="all-MiniLM-L6-v2", # the question encoder: a local directory, a zoo name or 'all-MiniLM-L6-v2'
+            index=None, # the faiss index file (built there on first use); None: beside the passages (`<passages>.faiss`)
+            n_docs:int=2, # documents marginalised over (1 trains no encoder: no gradient reaches it)
+            encoder_learning_rate:float=None, # the question encoder's learning rate; None: the trainer's
+            **retrieval, # more `retrieval_settings`: doc_sep, title_sep, prefix, max_doc_length, query_encoder_max_length, ...
+           ) -> "Experiment":
+        "Train end to end with retrieval (`train_rag`): the model set by `.model(...)` generates, `encoder` retrieves from `passages`."
+        from alignlab import zoo
+        ms = self._d.get("model_settings")
+        if ms is None: raise SettingsError("rag: no model yet; expected .model(...) (the generator) before .rag(...)")
+        gen = ms.get("generator_settings", ms)
+        if isinstance(passages, str) and passages in zoo.ITEMS: passages = zoo.get(passages)/"passages.jsonl"
+        rs = {"n_docs": n_docs, **({"encoder_learning_rate": encoder_learning_rate} if encoder_learning_rate is not None else {}), **retrieval}
+        rag = {"generator_settings": gen, "question_encoder_settings": {"model_path": str(encoder), "model_type": "encoder"},
+               "index_settings": {"index_path": str(index or Path(str(passages) + ".faiss")), "passages_path": str(passages)},
+               "retrieval_settings": rs}
+        out = self._set(model_settings=rag); self._goal = self._explicit_type = "rag"
+        return out
+
 # %% ../nbs/11_experiment.ipynb #e11c0003
-class _Plan(_ReferenceChain):
+class _Plan(_RAGChain):
     "What `fit()` will do, computed before anything heavy runs."
     def _tokenizer(self, s):
         if "tok" not in self._cache:
             from alignlab.models import load_tokenizer, set_special_tokens
-            tok = load_tokenizer(s.tokenizer_settings, resolve_path(s.model_settings.model_path))
+            tok = load_tokenizer(s.tokenizer_settings, resolve_path(_generator(s).model_path))
             set_special_tokens(tok, s.special_tokens_settings)
-            new = [t for t in (s.model_settings.embeddings_initialization_strategy or {}) if t not in tok.get_vocab()]
+            new = [t for t in (_generator(s).embeddings_initialization_strategy or {}) if t not in tok.get_vocab()]
             if new: tok.add_tokens(new, special_tokens=True)  # as models.add_new_tokens does, so the plan tokenizes as training will
             self._cache["tok"] = tok
         return self._cache["tok"]
@@ -356,7 +383,7 @@ class _Plan(_ReferenceChain):
         s = self.settings()
         tok = self._tokenizer(s)
         train, val = self._datasets(s, tok)
-        ms = s.model_settings
+        ms = _generator(s)  # a RAG model: its generator (the retrieval row below says the rest)
         counts, params = _parameters(ms)
         n_rows = len(train)
         notes = []
@@ -381,6 +408,7 @@ class _Plan(_ReferenceChain):
         if s.cherry_pick_settings:
             cp = s.cherry_pick_settings
             rows.append(("cherry-picks", f"{', '.join(m.type for m in cp.metric_settings)} on {', '.join(x.name for x in cp.dataset_settings.sources)}"))
+        if s.objective == "rag": rows.append(("retrieval", (lambda m: f"{m.question_encoder_settings.model_path} over {m.index_settings.passages_path}, n_docs {m.retrieval_settings.n_docs}")(s.model_settings)))
         if s.loss_settings: rows.append(("loss", f"focal: alpha {s.loss_settings.alpha}, gamma {s.loss_settings.gamma}"))
         if s.recipe.whole_trainer_settings: rows += _preference_rows(s, counts, len(train) + (len(val) if val is not None else 0))
         if s.logging_settings: notes.append("logging_settings (W&B / ClearML) are not used by alignlab: set trainer_settings.report_to (e.g. tensorboard)")

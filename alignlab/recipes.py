@@ -35,6 +35,7 @@ class Recipe:
     cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; its own data: score); None: none
     whole_trainer_settings:bool = False  # its `trainer_settings` class reads the section whole, `loss_settings` included (DPO, KTO); else `loss_settings` is lifted out (classification)
     check:Optional[Callable] = None  # (experiment settings) -> None: a one-line `SettingsError` for what the recipe cannot run, before anything loads
+    load:Optional[Callable] = None  # (model_settings, tokenizer_settings, special_tokens_settings) -> (model, tokenizer); None: `models.load_model`
 
     @property
     def command(self) -> str: return f"train_{self.name}"
@@ -139,6 +140,19 @@ def _check_preference(s):
                             + (f", or a reference-free loss ({free})" if hasattr(ts, "loss_settings") else ""))
 
 # %% ../nbs/09_recipes.ipynb #80b65386
+# RAG end to end (17c_rag_training): the model is generator + question encoder + index, loaded by its own `load`
+def _rag_collator(pad_id:int, packing=False):
+    from alignlab.rag_training import RecordsCollator
+    return RecordsCollator()
+
+def _rag_prepare(model, train_dataset, ts, packing=False, loss_settings=None, eval_dataset=None, pad_id=0):
+    from alignlab.rag_training import rag_prepare
+    return rag_prepare(model, train_dataset, eval_dataset)
+
+def _rag_load(model_settings, tokenizer_settings=None, special_tokens_settings=None):
+    from alignlab.rag_training import load_rag_model
+    return load_rag_model(model_settings, tokenizer_settings, special_tokens_settings)
+
 RECIPES = (
     Recipe("sft", "chat", "ChatDataset", "causal", "a causal LM by supervised fine-tuning (SFT) on chat data", "AlignTrainer",
            collator=_sft_collator, prepare=_sft_prepare,
@@ -161,6 +175,10 @@ RECIPES = (
     Recipe("kto", "kto", "KTODataset", "causal", "a causal LM on unpaired kto data (desirable or not) by KTO", "KTOTrainer",
            collator=_kto_collator, trainer_settings=KTOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
            whole_trainer_settings=True, check=_check_preference),
+    Recipe("rag", "chat", "ChatDataset", "rag", "a RAG model end to end (generator + question encoder, RAG-sequence loss) on chat data",
+           "rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load,
+           inference="rag", inference_dataset_type="chat", cherry_picks="chat", inference_what="online RAG: retrieve for each chat record (question encoder + "
+           "faiss index), generate, write each answer with its document ids and scores"),
 )
 
 # %% ../nbs/09_recipes.ipynb #e5f6db1d
@@ -179,7 +197,8 @@ def recipe(name:str=None, # an objective: 'sft', 'classification', 'rm', 'dpo' o
         rows = [r for r in RECIPES if of(r) == value]  # the first row for a dataset_type is its default objective
         if rows and key == "dataset_type" and model_type is not None:
             r = next((r for r in rows if r.model_type == model_type), None)
-            if r is None:
+            if r is None:  # (a RAG model is chosen by its model_settings' shape, not by a model_type: not offered here)
+                rows = [x for x in rows if x.model_type != "rag"] or rows
                 raise SettingsError(f"model_settings.model_type: {model_type!r}, but {value} data trains "
                                     f"{' or '.join(f'{x.name} with a {x.model_type!r} model' for x in rows)}; expected {' or '.join(repr(x.model_type) for x in rows)}")
             return r

@@ -54,16 +54,19 @@ TAKEN_BY = {
     **{c: f"preference_losses.{c}" for c in ("DPOLossSettings KTOLossSettings SigmoidLossSettings SigmoidLossWithMarginSettings HingeLossSettings "
                                               "IPOLossSettings CPOLossSettings SlicHfLossSettings SimPOLossSettings ORPOLossSettings ASFTLossSettings "
                                               "APOZeroLossSettings APODownLossSettings DPOPLossSettings NCAPairLossSettings CALDPOLossSettings").split()},
+    # RAG (17a_retrieval): the index, the retrieval and the RAG model (generator + question encoder)
+    "RAGIndexSettings": "retrieval.IndexSettings", "RAGRetrievalSettings": "retrieval.RetrievalSettings",
+    "RAGPreTrainedModelSettings": "retrieval.RAGModelSettings", "RAGTrainExperimentSettings": "run.ExperimentSettings",
+    "RAGSingleModelInferenceSettings": "rag_inference.RAGModelInferenceSettings", "RAGInferenceExperimentSettings": "rag_inference.RAGInferenceSettings",
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
 _PREF = "not built yet: DDPO arrives with its own recipe"
-_RAG, _MM = "not built yet: the RAG pipelines arrive with their recipe", "not built yet: the multimodal pipelines arrive with their recipe"
+_MM = "not built yet: the multimodal pipelines arrive with their recipe"
 _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
     **{c: _PREF for c in "DDPOTrainExperimentSettings DDPODatasetSettings".split()},
-    **{c: _RAG for c in "RAGTrainExperimentSettings RAGIndexSettings RAGRetrievalSettings RAGPreTrainedModelSettings RAGSingleModelInferenceSettings RAGInferenceExperimentSettings".split()},
     **{c: _MM for c in ("MultimodalCherryPickSettings MultimodalDatasetSettings MultimodalDatasetProcessingSettings ModalityEncoderSettings "
                         "ModalityReaderSettings PreTrainedMultiModalModel MultimodalSingleModelInferenceSettings "
                         "MultimodalInferenceExperimentSettings MultimodalTrainExperimentSettings").split()},

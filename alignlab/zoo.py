@@ -6,7 +6,8 @@
 __all__ = ['ZOO_VERSION', 'LLAMA3_SPECIAL', 'SP_SPECIAL', 'WORDPIECE_SPECIAL', 'ITEMS', 'home', 'zoo_seed', 'zoo_dir',
            'train_tokenizer', 'fact_accuracy', 'pretrain', 'tiny_llama_config', 'build_tiny_llama',
            'build_tiny_llama_cls', 'build_tiny_clip', 'train_sp_tokenizer', 'train_wordpiece_tokenizer',
-           'build_tiny_llama_sp', 'build_tiny_wordpiece', 'get', 'card_markdown', 'card', 'card_pane', 'build_all']
+           'build_tiny_llama_sp', 'build_tiny_wordpiece', 'build_tiny_encoder', 'get', 'card_markdown', 'card',
+           'card_pane', 'build_all']
 
 # %% ../nbs/01_zoo.ipynb #ef5db61b
 import os, json, time, shutil, sys, contextlib
@@ -307,12 +308,29 @@ def build_tiny_wordpiece(out:Path, # the (empty) folder to write into; `get` pas
     return dict(vocab_size=len(tok), corpus_lines=len(lines), special_tokens=WORDPIECE_SPECIAL,
                 tokenizer="WordPiece, BertNormalizer (lower case, accents stripped), BertPreTokenizer, post-processor '[CLS] $A [SEP]'")
 
+# %% ../nbs/01_zoo.ipynb #168b65c6
+def build_tiny_encoder(out:Path, # the (empty) folder to write into; `get` passes a temporary one
+                       seed:int=0, # the init seed
+                       log=print, # unused: every builder takes it (`get` passes its logger)
+                      ):
+    "A tiny BERT encoder (hidden 64, 2 layers), randomly initialized with a seed, and the tiny-wordpiece tokenizer: RAG's fast question encoder."
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    tok = AutoTokenizer.from_pretrained(get("tiny-wordpiece"))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    model = BertModel(cfg)  # the pooler is unused (mean pooling) but kept: AutoModel loads it without a warning
+    model.save_pretrained(out); tok.save_pretrained(out)
+    return dict(parameters=sum(p.numel() for p in model.parameters()), hidden_size=64, max_position_embeddings=128, tokenizer="tiny-wordpiece")
+
 # %% ../nbs/01_zoo.ipynb #5da15d9d
 ITEMS = {
     "tiny-llama": ("model", build_tiny_llama, "Llama-architecture causal LM (~4M parameters) and byte-level BPE tokenizer with Llama-3 chat tokens, pre-trained on a synthetic corpus until it knows its category facts"),
     "tiny-llama-cls": ("model", build_tiny_llama_cls, "tiny-llama backbone with a 2-label sequence-classification head"),
     "tiny-llama-sp": ("model", build_tiny_llama_sp, "Llama-architecture causal LM (~1M parameters) and SentencePiece-style tokenizer (BPE, byte fallback, Metaspace prepend_scheme first, <s> in front), briefly pre-trained on the synthetic corpus"),
     "tiny-wordpiece": ("tokenizer", build_tiny_wordpiece, "BERT-style WordPiece tokenizer ([CLS] $A [SEP], lower-cased) trained on the synthetic corpus"),
+    "tiny-encoder": ("model", build_tiny_encoder, "tiny BERT encoder (hidden 64, 2 layers, randomly initialized) with the tiny-wordpiece tokenizer: RAG's fast question encoder"),
     "tiny-clip": ("model", build_tiny_clip, "tiny CLIP (vision + text towers) and its CLIPImageProcessor, randomly initialized"),
     "chat": ("dataset", build_chat, "chat records: category questions in single- and multi-turn dialogues, with a held-out test split"),
     "preferences": ("dataset", build_preferences, "pair_preferences records: right vs wrong category answers"),
