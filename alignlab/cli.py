@@ -67,6 +67,17 @@ def _docs(a):
     if a.readme: print(f"wrote {write_readme()}")
     else: print(f"docs site: {render_site(force_fallback=a.no_quarto)}")
 
+# %% ../nbs/14_cli.ipynb #a1b2c3d4e5f6
+def _preprocess(a):
+    from alignlab.preprocess import preprocess_images
+    print(json.dumps(preprocess_images(a.settings_path), indent=1, default=str))
+
+def _add_preprocess(sub):
+    pp = sub.add_parser("preprocess_multimodal_dataset", help="encode a folder of images once into a safetensors features file (reader_type pickle)")
+    pp.add_argument("--settings_path", required=True, help="JSON: modality, reader_settings, encoder_settings, dataset_path, batch_size, output_file_path")
+    pp.set_defaults(func=_preprocess)
+
+
 # %% ../nbs/14_cli.ipynb #4ac97e96
 # turbo-alignment's sampling commands (nbs/06c_sampling): each writes sampled.jsonl and pairs.jsonl (pair_preferences for train_dpo)
 SAMPLING_COMMANDS = {"random_sample": "keep N random answers per record of a sampling dataset (seeded); pairs where the records carry rewards",
@@ -112,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
         i.add_argument("--inference_settings_path", "--experiment_settings_path", dest="inference_settings_path", required=True,
                        help="the guide's inference JSON: inference_settings, dataset_settings, save_path")
         i.set_defaults(func=_infer)
-    d = sub.add_parser("docs", help="render the docs site (Quarto if installed, else nbconvert) or the README")
+    _add_preprocess(sub); d = sub.add_parser("docs", help="render the docs site (Quarto if installed, else nbconvert) or the README")
     d.add_argument("--readme", action="store_true", help="write README.md from nbs/index.ipynb")
     d.add_argument("--no_quarto", action="store_true", help="use the nbconvert renderer even where quarto exists")
     d.set_defaults(func=_docs)
