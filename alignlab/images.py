@@ -4,16 +4,16 @@
 
 # %% auto #0
 __all__ = ['FEATURES_NAME', 'to_rgb', 'open_image', 'load_image_processor', 'ClipReader', 'config_path', 'read_features_config',
-           'find_features_file', 'PickleReader', 'make_reader']
+           'file_sha1', 'find_features_file', 'PickleReader', 'make_reader']
 
-# %% ../nbs/18a_images.ipynb #1e444115
+# %% ../nbs/18a_images.ipynb #e24393ed
 import json
 from pathlib import Path
 import numpy as np
 from .settings import SettingsError
 from .data import DataError
 
-# %% ../nbs/18a_images.ipynb #0fee29cb
+# %% ../nbs/18a_images.ipynb #849bacbf
 def to_rgb(im, # a PIL image of any mode
           ):
     "`im` upright (EXIF orientation applied) in RGB, transparency composited on white."
@@ -40,7 +40,7 @@ def open_image(path, # the image file
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{where + ': ' if where else ''}image {str(path)!r}: cannot read it ({type(e).__name__}: {e}); expected an image file (PNG, JPEG, ...)") from None
 
-# %% ../nbs/18a_images.ipynb #03f0e7a6
+# %% ../nbs/18a_images.ipynb #35762448
 def load_image_processor(path, # a CLIP folder or a zoo name ('tiny-clip')
                          field:str="modality_reader_settings_mapping.image.reader_path", # named in the error
                         ):
@@ -65,11 +65,13 @@ class ClipReader:
         "`[N, 3, H, W]` float pixel values of the images at `paths`."
         import torch
         ims = [open_image(p, (wheres or [""] * len(paths))[i]) for i, p in enumerate(paths)]
-        if self.order == "BGR": ims = [Image.fromarray(np.asarray(im)[..., ::-1].copy()) for im in ims]
+        if self.order == "BGR":
+            from PIL import Image
+            ims = [Image.fromarray(np.asarray(im)[..., ::-1].copy()) for im in ims]
         return torch.as_tensor(np.asarray(self.processor(ims, return_tensors="np")["pixel_values"]), dtype=torch.float32)
     def __repr__(self): return f"ClipReader({self.path!r})"
 
-# %% ../nbs/18a_images.ipynb #95db0550
+# %% ../nbs/18a_images.ipynb #81dfbfd6
 FEATURES_NAME = "image.clip.safetensors"
 
 def config_path(features_file, # a features file `image.clip.safetensors`
@@ -84,6 +86,12 @@ def read_features_config(features_file, # a features file
     if not p.exists(): return {}
     try: return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e: raise DataError(f"{p}: cannot read the features config ({type(e).__name__}: {e})") from None
+
+def file_sha1(path, # a file
+             ) -> str:
+    "The SHA-1 of a file's bytes."
+    import hashlib
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 def find_features_file(image, # an image's path (absolute)
                        reader_path=None, # `reader_path`: the file, or a folder holding it; None: search from the image's folder up
@@ -107,7 +115,7 @@ def find_features_file(image, # an image's path (absolute)
     raise DataError(f"image {str(image)!r}: no features file ({FEATURES_NAME}) in its folder or the {levels} above; "
                     "expected preprocess_multimodal_dataset's output (or reader_path naming it)")
 
-# %% ../nbs/18a_images.ipynb #811df423
+# %% ../nbs/18a_images.ipynb #3282f86e
 class PickleReader:
     "turbo's `pickle` reader: the pre-encoded features of each image, from a safetensors file (never unpickled)."
     kind = "pickle"
@@ -128,7 +136,11 @@ class PickleReader:
         keys = h.keys()
         try: rel = Path(image).resolve().relative_to(root).as_posix()
         except ValueError: rel = None
-        if rel in keys: return f, rel
+        if rel in keys:
+            want = cfg.get("sha1", {}).get(rel)
+            if want and Path(image).exists() and file_sha1(image) != want:
+                raise DataError(f"{f}: stale: image {rel!r} changed since it was encoded; run preprocess_multimodal_dataset again")
+            return f, rel
         if Path(image).name in keys: return f, Path(image).name
         raise DataError(f"image {str(image)!r}: not in the features file {str(f)!r} (its {len(keys)} keys are paths relative to {str(root)!r}"
                         f"{', e.g. ' + repr(next(iter(keys))) if keys else ''}); the file is stale: run preprocess_multimodal_dataset again")
@@ -144,7 +156,7 @@ class PickleReader:
         return torch.stack(out).float()
     def __repr__(self): return f"PickleReader({self.reader_path!r})"
 
-# %% ../nbs/18a_images.ipynb #d839fe32
+# %% ../nbs/18a_images.ipynb #9ec9758c
 def make_reader(rs, # `ModalityReaderSettings` (or its dict)
                ):
     "The reader `rs` names: `ClipReader` or `PickleReader`."

@@ -6,14 +6,14 @@
 __all__ = ['clip_vision_config', 'clip_patches', 'CLIPImageEncoder', 'PassThroughEncoder', 'LlavaProjector', 'CAbstractor',
            'check_embeddings', 'make_projector', 'make_encoder']
 
-# %% ../nbs/18b_vision.ipynb #21dd76e8
+# %% ../nbs/18b_vision.ipynb #7183ea4f
 import json, math
 from pathlib import Path
 import torch
 from torch import nn
 from .settings import SettingsError
 
-# %% ../nbs/18b_vision.ipynb #cce01b37
+# %% ../nbs/18b_vision.ipynb #ade9c331
 def _quiet_load(cls, path, **kw):
     "`cls.from_pretrained(path)` without transformers' load report (a CLIP checkpoint's text tower is expected to be left out)."
     import transformers
@@ -40,7 +40,7 @@ def clip_patches(path, # a CLIP folder or a zoo name
     v = clip_vision_config(path)
     return (v["image_size"] // v["patch_size"]) ** 2, v.get("hidden_size", 768)
 
-# %% ../nbs/18b_vision.ipynb #06751ae9
+# %% ../nbs/18b_vision.ipynb #59ef7e8d
 class CLIPImageEncoder(nn.Module):
     "turbo's `clip` encoder: the frozen vision tower; `forward(pixel_values) -> [B, P, D]` penultimate-layer patch tokens (no CLS)."
     def __init__(self, path, # a CLIP folder or a zoo name
@@ -68,7 +68,7 @@ class PassThroughEncoder(nn.Module):
     def forward(self, features, # [B, P, D] pre-encoded features (the pickle reader's)
                ): return features.float()
 
-# %% ../nbs/18b_vision.ipynb #822f4154
+# %% ../nbs/18b_vision.ipynb #ff186071
 class LlavaProjector(nn.Module):
     "LLaVA's MLP, per patch: `[B, P, D] -> [B, P, H]`."
     def __init__(self, emb_dim:int, # D, the encoder's feature size
@@ -79,12 +79,16 @@ class LlavaProjector(nn.Module):
     def forward(self, x, # [B, P, D] patch features
                ): return self.net(x)
 
+class _LayerNorm2d(nn.LayerNorm):
+    "LayerNorm over the channels at each grid cell (HoneyBee's LayerNorm2d): an image's overall colour survives, unlike a norm over the whole grid."
+    def forward(self, x): return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
 class _ResBlock(nn.Module):
-    "A RegNet-style residual block (1x1, 3x3, 1x1 convolutions, normalized, SiLU)."
+    "A RegNet-style residual block (1x1, 3x3, 1x1 convolutions, each normalized per cell, SiLU)."
     def __init__(self, c:int):
         super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(c, c, 1), nn.GroupNorm(1, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(1, c), nn.SiLU(),
-                               nn.Conv2d(c, c, 1), nn.GroupNorm(1, c))
+        self.f = nn.Sequential(nn.Conv2d(c, c, 1), _LayerNorm2d(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), _LayerNorm2d(c), nn.SiLU(),
+                               nn.Conv2d(c, c, 1), _LayerNorm2d(c))
     def forward(self, x): return torch.nn.functional.silu(x + self.f(x))
 
 class CAbstractor(nn.Module):
@@ -109,7 +113,7 @@ class CAbstractor(nn.Module):
         x = self.s2(self.pool(self.s1(self.inp(x))))
         return self.readout(x.flatten(2).transpose(1, 2))
 
-# %% ../nbs/18b_vision.ipynb #9851a43e
+# %% ../nbs/18b_vision.ipynb #a0631887
 def check_embeddings(projector:str, # 'llava' or 'c_abs'
                      n_patches:int, # the encoder's patch count P
                      n:int, # the `n_modality_embeddings` given
@@ -137,7 +141,7 @@ def make_projector(projector:str, # 'llava' or 'c_abs'
     check_embeddings(projector, n_patches, n)
     return LlavaProjector(emb_dim, hidden) if projector == "llava" else CAbstractor(emb_dim, hidden, n_patches, n)
 
-# %% ../nbs/18b_vision.ipynb #8053834d
+# %% ../nbs/18b_vision.ipynb #03a2ed61
 def make_encoder(es, # `ModalityEncoderSettings` (or its dict)
                  features:tuple=None, # `(n_patches, emb_dim)` of pre-encoded features (`is_pickle: true`); None: read from the encoder's config
                 ) -> nn.Module:

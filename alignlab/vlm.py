@@ -7,7 +7,7 @@ __all__ = ['PROJECTOR_FILE', 'VisionLanguageModel', 'encode_images', 'embed', 'f
            'save_projector', 'projector_file', 'load_projector', 'check_multimodal', 'build_vlm', 'load_vlm',
            'save_vlm', 'load_vlm_weights', 'VLMTrainer']
 
-# %% ../nbs/18e_vlm.ipynb #fef87371
+# %% ../nbs/18e_vlm.ipynb #d1ead640
 import json, math
 from pathlib import Path
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from .settings import SettingsError, load_settings
 from .data import DataError
 
-# %% ../nbs/18e_vlm.ipynb #a9dffa83
+# %% ../nbs/18e_vlm.ipynb #2863e546
 class VisionLanguageModel(nn.Module):
     "A VLM: `.encoder` (frozen) → `.projector` → the placeholder embeddings of `.language_model` (a causal LM, PEFT-wrapped or not)."
     def __init__(self, language_model, # the causal LM (a peft model or not)
@@ -42,8 +42,9 @@ class VisionLanguageModel(nn.Module):
         lm = self.language_model
         return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
-# %% ../nbs/18e_vlm.ipynb #bfa83ad9
-def encode_images(self, images, # `[N, …]`: pixel values (clip reader) or features (pickle reader)
+# %% ../nbs/18e_vlm.ipynb #b010f068
+def encode_images(self, # the `VisionLanguageModel`
+                  images, # `[N, …]`: pixel values (clip reader) or features (pickle reader)
                  ):
     "`[N, n, H]`: the images through the frozen encoder and the projector."
     feats = self.encoder(images.to(self.device))
@@ -53,7 +54,8 @@ def encode_images(self, images, # `[N, …]`: pixel values (clip reader) or feat
                         "run preprocess_multimodal_dataset again with this encoder")
     return self.projector(feats)
 
-def embed(self, input_ids, # `[B, T]` token ids, with n placeholders per image
+def embed(self, # the `VisionLanguageModel`
+          input_ids, # `[B, T]` token ids, with n placeholders per image
           images=None, # `[N, …]` the batch's images in row order (None: text only)
          ):
     "`[B, T, H]` input embeddings: the LM's own, with each image's n placeholder rows replaced by its projected features."
@@ -67,7 +69,8 @@ def embed(self, input_ids, # `[B, T]` token ids, with n placeholders per image
     proj = self.encode_images(images)
     return emb.masked_scatter(where.unsqueeze(-1), proj.to(emb.dtype))
 
-def forward(self, input_ids=None, # `[B, T]` token ids
+def forward(self, # the `VisionLanguageModel`
+            input_ids=None, # `[B, T]` token ids
             attention_mask=None, # `[B, T]`
             labels=None, # `[B, T]` (placeholders are IGNORE_INDEX)
             images=None, # `[N, …]` the batch's images, row by row
@@ -75,7 +78,8 @@ def forward(self, input_ids=None, # `[B, T]` token ids
            ):
     return self.language_model(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask, labels=labels, **kw)
 
-def generate(self, input_ids=None, # `[B, T]` left-padded prompt ids
+def generate(self, # the `VisionLanguageModel`
+             input_ids=None, # `[B, T]` left-padded prompt ids
              attention_mask=None, # `[B, T]`
              images=None, # `[N, …]` the prompts' images, row by row
              **kw, # `generate` arguments (generation_config, ...)
@@ -83,7 +87,8 @@ def generate(self, input_ids=None, # `[B, T]` left-padded prompt ids
     "The language model's `generate` on the spliced embeddings; returns prompt ids + new tokens, as for a text-only model."
     return self.language_model.generate(input_ids=input_ids, inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask, **kw)
 
-def batch_inputs(self, per_prompt:list, # per prompt, its images `[k, …]` (or None)
+def batch_inputs(self, # the `VisionLanguageModel`
+                 per_prompt:list, # per prompt, its images `[k, …]` (or None)
                 ) -> dict:
     "The keyword inputs of a batch of prompts (`alignlab.generate.generate`'s `model_inputs`): their images, concatenated in row order."
     got = [x for x in per_prompt if x is not None and len(x)]
@@ -92,7 +97,7 @@ def batch_inputs(self, per_prompt:list, # per prompt, its images `[k, …]` (or 
 VisionLanguageModel.encode_images, VisionLanguageModel.embed, VisionLanguageModel.forward = encode_images, embed, forward
 VisionLanguageModel.generate, VisionLanguageModel.batch_inputs = generate, batch_inputs
 
-# %% ../nbs/18e_vlm.ipynb #5a7b98b9
+# %% ../nbs/18e_vlm.ipynb #d32b1871
 PROJECTOR_FILE = "modality_adapters.safetensors"
 
 def save_projector(vlm:VisionLanguageModel, # the model whose projector is saved
@@ -130,7 +135,7 @@ def load_projector(vlm:VisionLanguageModel, # the model whose projector is fille
         raise SettingsError(f"{field}: {str(path)!r} does not fit the {vlm.projector_name} projector ({str(e).splitlines()[0]}); expected weights of the same projector and sizes") from None
     return vlm
 
-# %% ../nbs/18e_vlm.ipynb #a6c65b8d
+# %% ../nbs/18e_vlm.ipynb #e6536d05
 def _image(mapping:dict, field:str):
     from alignlab.multimodal_settings import check_mapping
     if mapping is None: raise SettingsError(f"{field}: missing; multimodal training needs it (turbo requires it); expected {{\"image\": ...}}")
@@ -153,8 +158,13 @@ def check_multimodal(s, # the `ExperimentSettings` (multimodal data)
         if ds.n_modality_embeddings != s.train_dataset_settings.n_modality_embeddings:
             raise SettingsError(f"{name}.n_modality_embeddings: {ds.n_modality_embeddings}, but the training data has {s.train_dataset_settings.n_modality_embeddings}; expected the same")
     check_embeddings(proj, clip_patches(es.encoder_path)[0], s.train_dataset_settings.n_modality_embeddings)
+    rp = s.train_dataset_settings.reader.reader_path
+    if es.is_pickle and rp:  # the features file named: made by this encoder? (images are checked as they are read)
+        from alignlab.images import find_features_file
+        from alignlab.preprocess import check_features_file
+        check_features_file(find_features_file(None, rp), es.encoder_path)
 
-# %% ../nbs/18e_vlm.ipynb #a45a6495
+# %% ../nbs/18e_vlm.ipynb #3d146fba
 def build_vlm(model, # the causal LM (`load_model` with the modality tokens added)
               tok, # its tokenizer
               ds, # the `MultimodalDatasetSettings` (tokens, n)
@@ -182,7 +192,7 @@ def load_vlm(s, # the `ExperimentSettings` (multimodal data)
                     s.modality_projector_initialization_mapping.get("image"))
     return vlm, tok
 
-# %% ../nbs/18e_vlm.ipynb #9f7bf9a7
+# %% ../nbs/18e_vlm.ipynb #be030635
 from .trainers import AlignTrainer
 
 def save_vlm(vlm:VisionLanguageModel, # the model to save
