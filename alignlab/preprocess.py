@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'encoder_fingerprint', 'list_images', 'preprocess_images', 'check_features_file', 'features_order']
 
-# %% ../nbs/18g_preprocess.ipynb #5e209e77
+# %% ../nbs/18g_preprocess.ipynb #a0f430df
 import hashlib, json, os, time
 from pathlib import Path
 import torch
@@ -17,7 +17,7 @@ from .vision import CLIPImageEncoder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-# %% ../nbs/18g_preprocess.ipynb #56aa3e86
+# %% ../nbs/18g_preprocess.ipynb #d64aa671
 def encoder_fingerprint(path, # a CLIP folder or a zoo name
                        ) -> str:
     "A short fingerprint of the encoder's weights (SHA-256 of its config and weight files; files over 256 MiB: size and the first and last 8 MiB)."
@@ -36,9 +36,11 @@ def list_images(root, # the dataset folder
     "Every image file under `root` (recursively), sorted."
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
-# %% ../nbs/18g_preprocess.ipynb #612c4293
+# %% ../nbs/18g_preprocess.ipynb #e5c2813b
 def preprocess_images(settings, # `MultimodalDatasetProcessingSettings`: a dict, a JSON path or the object
                       log=print, # progress lines
+                      reader=None, # a `ClipReader` already loaded (None: from `reader_settings`)
+                      encoder=None, # a `CLIPImageEncoder` already loaded (None: from `encoder_settings`)
                      ) -> dict:
     "Encode every image under `dataset_path` in batches; write the features file and its config; returns the config with timings."
     from safetensors.torch import save_file
@@ -50,8 +52,10 @@ def preprocess_images(settings, # `MultimodalDatasetProcessingSettings`: a dict,
     file.parent.mkdir(parents=True, exist_ok=True)
     images = list_images(root)
     if not images: raise SettingsError(f"dataset_path: {str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    reader, enc = ClipReader(st.reader_settings.reader_path or st.encoder_settings.encoder_path), CLIPImageEncoder(st.encoder_settings.encoder_path)
-    feats, t_read, t_enc, t0 = {}, 0.0, 0.0, time.time()
+    t0 = time.time()
+    reader = reader or ClipReader(st.reader_settings.reader_path or st.encoder_settings.encoder_path)
+    enc = encoder or CLIPImageEncoder(st.encoder_settings.encoder_path)
+    feats, t_read, t_enc = {}, 0.0, 0.0
     for i in range(0, len(images), st.batch_size):
         batch = images[i:i + st.batch_size]
         t = time.time(); x = reader.read(batch, [str(p) for p in batch]); t_read += time.time() - t
@@ -67,7 +71,7 @@ def preprocess_images(settings, # `MultimodalDatasetProcessingSettings`: a dict,
     log(f"preprocess: {len(feats)} images -> {file} ({secs:.1f} s: read {t_read:.1f} s, encode {t_enc:.1f} s)")
     return {**{k: v for k, v in cfg.items() if k != "sha1"}, "file": str(file), "seconds": secs, "read_seconds": t_read, "encode_seconds": t_enc}
 
-# %% ../nbs/18g_preprocess.ipynb #7b5937f9
+# %% ../nbs/18g_preprocess.ipynb #95cdbaf8
 def check_features_file(file, # a features file
                         encoder_path=None, # the encoder the run names (`modality_encoder_settings_mapping.image.encoder_path`); None: not checked
                         images:list=None, # absolute image paths the run will read; None: not checked
@@ -92,7 +96,7 @@ def check_features_file(file, # a features file
             raise DataError(f"{file}: stale: image {k!r} changed since it was encoded; run preprocess_multimodal_dataset again")
     return notes
 
-# %% ../nbs/18g_preprocess.ipynb #3662bae7
+# %% ../nbs/18g_preprocess.ipynb #00dd5221
 def features_order(file, # a features file (turbo's or alignlab's)
                    encoder_path, # the encoder that made it
                    images_root=None, # where its images are (default: its config's root, else its folder)

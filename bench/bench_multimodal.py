@@ -1,5 +1,5 @@
 """Multimodal speed (issue 16): preprocessing images/s vs the bare CLIP forward on the same batches, and training steps/s with
-pre-encoded features (reader pickle + is_pickle) vs images read live. Usage: python bench/bench_multimodal.py [n_images]"""
+pre-encoded features (reader pickle + is_pickle) vs images read live. Usage: python bench/bench_multimodal.py [n_images] [pre]"""
 import json, sys, tempfile, time
 from pathlib import Path
 import torch
@@ -24,10 +24,12 @@ bare_read_fwd = best(lambda: [enc(reader.read(imgs[i:i + bs])) for i in range(0,
 cfg = {"modality": "image", "reader_settings": {"reader_type": "clip", "reader_path": "tiny-clip"},
        "encoder_settings": {"modality_encoder_type": "clip", "encoder_path": "tiny-clip"}, "dataset_path": str(d / "images"),
        "batch_size": bs, "output_file_path": str(d / "images")}
-pre = best(lambda: preprocess_images(cfg, log=lambda *a: None))
-print(json.dumps(dict(images=len(imgs), batch=bs, bare_forward_s=bare_fwd, bare_read_forward_s=bare_read_fwd, preprocess_s=pre,
+pre = best(lambda: preprocess_images(cfg, log=lambda *a: None, reader=reader, encoder=enc))
+pre_load = best(lambda: preprocess_images(cfg, log=lambda *a: None), k=1)
+print(json.dumps(dict(images=len(imgs), batch=bs, bare_forward_s=bare_fwd, bare_read_forward_s=bare_read_fwd, preprocess_s=pre, preprocess_with_loading_s=pre_load,
                       images_per_s=len(imgs) / pre, ratio_vs_read_forward=pre / bare_read_fwd, ratio_vs_forward=pre / bare_fwd)))
 
+if "pre" in sys.argv[2:]: sys.exit()  # preprocessing only
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_multimodal import experiment
 from alignlab.run import train
