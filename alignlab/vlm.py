@@ -7,7 +7,7 @@ __all__ = ['PROJECTOR_FILE', 'VisionLanguageModel', 'encode_images', 'embed', 'f
            'save_projector', 'projector_file', 'load_projector', 'check_multimodal', 'build_vlm', 'load_vlm',
            'save_vlm', 'load_vlm_weights', 'VLMTrainer']
 
-# %% ../nbs/18e_vlm.ipynb #67548f9a
+# %% ../nbs/18e_vlm.ipynb #edf07868
 import json, math
 from pathlib import Path
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from .settings import SettingsError, load_settings
 from .data import DataError
 
-# %% ../nbs/18e_vlm.ipynb #eb5f6700
+# %% ../nbs/18e_vlm.ipynb #b83ca024
 class VisionLanguageModel(nn.Module):
     "A VLM: `.encoder` (frozen) → `.projector` → the placeholder embeddings of `.language_model` (a causal LM, PEFT-wrapped or not)."
     def __init__(self, language_model, # the causal LM (a peft model or not)
@@ -42,7 +42,7 @@ class VisionLanguageModel(nn.Module):
         lm = self.language_model
         return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
-# %% ../nbs/18e_vlm.ipynb #090176c9
+# %% ../nbs/18e_vlm.ipynb #dd0bc669
 def encode_images(self, # the `VisionLanguageModel`
                   images, # `[N, …]`: pixel values (clip reader) or features (pickle reader)
                  ):
@@ -97,7 +97,7 @@ def batch_inputs(self, # the `VisionLanguageModel`
 VisionLanguageModel.encode_images, VisionLanguageModel.embed, VisionLanguageModel.forward = encode_images, embed, forward
 VisionLanguageModel.generate, VisionLanguageModel.batch_inputs = generate, batch_inputs
 
-# %% ../nbs/18e_vlm.ipynb #272930de
+# %% ../nbs/18e_vlm.ipynb #b6515fd5
 PROJECTOR_FILE = "modality_adapters.safetensors"
 
 def save_projector(vlm:VisionLanguageModel, # the model whose projector is saved
@@ -135,7 +135,7 @@ def load_projector(vlm:VisionLanguageModel, # the model whose projector is fille
         raise SettingsError(f"{field}: {str(path)!r} does not fit the {vlm.projector_name} projector ({str(e).splitlines()[0]}); expected weights of the same projector and sizes") from None
     return vlm
 
-# %% ../nbs/18e_vlm.ipynb #ee29ae04
+# %% ../nbs/18e_vlm.ipynb #d79cef28
 def _image(mapping:dict, field:str):
     from alignlab.multimodal_settings import check_mapping
     if mapping is None: raise SettingsError(f"{field}: missing; multimodal training needs it (turbo requires it); expected {{\"image\": ...}}")
@@ -164,7 +164,7 @@ def check_multimodal(s, # the `ExperimentSettings` (multimodal data)
         from alignlab.preprocess import check_features_file
         check_features_file(find_features_file(None, rp), es.encoder_path)
 
-# %% ../nbs/18e_vlm.ipynb #638b9d15
+# %% ../nbs/18e_vlm.ipynb #dca35232
 def build_vlm(model, # the causal LM (`load_model` with the modality tokens added)
               tok, # its tokenizer
               ds, # the `MultimodalDatasetSettings` (tokens, n)
@@ -192,7 +192,7 @@ def load_vlm(s, # the `ExperimentSettings` (multimodal data)
                     s.modality_projector_initialization_mapping.get("image"))
     return vlm, tok
 
-# %% ../nbs/18e_vlm.ipynb #4cff0b88
+# %% ../nbs/18e_vlm.ipynb #f98bf771
 from .trainers import AlignTrainer
 
 def save_vlm(vlm:VisionLanguageModel, # the model to save
