@@ -85,6 +85,17 @@ def _add_review(sub):
     v.add_argument("--export", default=None, metavar="HTML", help="write a static review page (no server) and exit")
     v.set_defaults(func=_review)
 
+# %% ../nbs/14_cli.ipynb #a1b2c3d4e5f6
+def _preprocess(a):
+    from alignlab.preprocess import preprocess_images
+    print(json.dumps(preprocess_images(a.settings_path), indent=1, default=str))
+
+def _add_preprocess(sub):
+    pp = sub.add_parser("preprocess_multimodal_dataset", help="encode a folder of images once into a safetensors features file (reader_type pickle)")
+    pp.add_argument("--settings_path", required=True, help="JSON: modality, reader_settings, encoder_settings, dataset_path, batch_size, output_file_path")
+    pp.set_defaults(func=_preprocess)
+
+
 # %% ../nbs/14_cli.ipynb #a7e1c0d4
 def _attention(a):
     import panel as pn
@@ -103,7 +114,7 @@ def _attention_command(sub):
     v.set_defaults(func=_attention)
 
 # commands that add their own subparser (`add(sub)`), defined beside their handlers: parser() stays one table, not one long function
-MORE_COMMANDS = [_add_review, _attention_command]
+MORE_COMMANDS = [_add_review, _attention_command, _add_preprocess]
 
 
 # %% ../nbs/14_cli.ipynb #4ac97e96

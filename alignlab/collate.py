@@ -108,6 +108,7 @@ def answer_logprobs(model, # a causal LM (its first parameter's device is used)
                     batch_size:Optional[int]=None, # at most this many rows per forward (default: as many as `budget` allows)
                     budget:int=2**26, # at most this many logit floats per forward (rows x (A + 1) x vocab)
                     reduce:Optional[Literal["sum"]]=None, # "sum": one float per answer (a sequence score) instead of the per-token array
+                    model_inputs:list=None, # per row, more model inputs (a VLM's images); `model.batch_inputs` stacks a chunk's into keyword arguments
                    ) -> list:
     "Per answer, the float64 array of log p(answer token | prompt, earlier answer tokens) under `model` (or its sum)."
     if len(prompts) != len(answers): raise ValueError(f"answer_logprobs: {len(prompts)} prompts but {len(answers)} answers")
@@ -126,8 +127,9 @@ def answer_logprobs(model, # a causal LM (its first parameter's device is used)
             chunk.append(todo[i + len(chunk)]); A = a
         ids, mask = pad_batch([list(prompts[j]) + list(answers[j]) for j in chunk], pad_id, side="left")
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = model.batch_inputs([model_inputs[j] for j in chunk]) if model_inputs is not None else {}
         with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=A + 1).logits
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=A + 1, **extra).logits
             lp = token_logprobs(logits[:, :-1], ids[:, -A:].to(dev)).cpu().double().numpy()
         for r, j in enumerate(chunk): out[j] = lp[r, A - len(answers[j]):]
         i += len(chunk)

@@ -357,8 +357,38 @@ class _RAGChain(_ReferenceChain):
         out = self._set(model_settings=rag); self._goal = self._explicit_type = "rag"
         return out
 
+# %% ../nbs/11_experiment.ipynb #b7c4e1f2a9d3
+class _VisionChain(_RAGChain):
+    "The chain's multimodal calls: the vision parts (encoder, projector, placeholders per image) and the multimodal dataset."
+    def vision(self, encoder:str="tiny-clip", # the CLIP encoder (a folder or a zoo name); its processor is the reader's
+               projector:str="llava", # 'llava' (n = the encoder's patches) or 'c_abs' (n a perfect square)
+               n_modality_embeddings:int=None, # placeholders per image; None: the encoder's patch count (llava's only value)
+               pickle:bool=False, # read pre-encoded features (`preprocess_multimodal_dataset`; reader pickle, is_pickle true)
+               init=None, # projector weights to start from (`modality_projector_initialization_mapping.image`)
+              ) -> "Experiment":
+        "The guide's modality mappings: a frozen `encoder`, a `projector` and `n_modality_embeddings` (call before `.multimodal_dataset`)."
+        from alignlab.vision import clip_patches
+        n = n_modality_embeddings or clip_patches(encoder)[0]
+        self._vision = dict(n_modality_embeddings=n, modality_reader_settings_mapping={"image": {"reader_type": "pickle", "reader_path": None} if pickle else
+                                                                                       {"reader_type": "clip", "reader_path": encoder}, "audio": None})
+        parts = dict(modality_encoder_settings_mapping={"image": {"modality_encoder_type": "clip", "encoder_path": encoder, "is_pickle": pickle}, "audio": None},
+                     modality_projector_mapping={"image": projector, "audio": None}, modality_projector_initialization_mapping={"image": init, "audio": None})
+        for k in ("train_dataset_settings", "val_dataset_settings"):  # a dataset given before: its image settings follow
+            if k in self._d and self._d[k].get("dataset_type") == "multimodal": parts[k] = {**self._d[k], **self._vision}
+        return self._set(**parts)
+
+    def multimodal_dataset(self, train="multimodal", # a multimodal JSONL path, inline records, a source dict, or a zoo dataset name
+                           val=None, # the same kinds, for validation; None: the zoo dataset's val split, else none
+                           template=None, # a `ChatTemplate` or prompt_template dict; None: the settings' default
+                           **kw,
+                          ) -> "Experiment":
+        "Train a VLM on a multimodal dataset (typed text | image messages); the image settings come from `.vision(...)`."
+        if not hasattr(self, "_vision"): raise SettingsError("multimodal_dataset: no vision parts yet; expected .vision(encoder=..., projector=..., n_modality_embeddings=...) first")
+        return self._dataset("multimodal", train, val, template, **{**self._vision, **kw})
+
+
 # %% ../nbs/11_experiment.ipynb #e11c0003
-class _Plan(_RAGChain):
+class _Plan(_VisionChain):
     "What `fit()` will do, computed before anything heavy runs."
     def _tokenizer(self, s):
         if "tok" not in self._cache:
@@ -367,6 +397,8 @@ class _Plan(_RAGChain):
             set_special_tokens(tok, s.special_tokens_settings)
             new = [t for t in (_generator(s).embeddings_initialization_strategy or {}) if t not in tok.get_vocab()]
             if new: tok.add_tokens(new, special_tokens=True)  # as models.add_new_tokens does, so the plan tokenizes as training will
+            mm = [t for t in getattr(s.train_dataset_settings, "new_tokens", []) if t not in tok.get_vocab()]  # a VLM's image tokens (alignlab.vlm.load_vlm)
+            if mm: tok.add_tokens(mm, special_tokens=True)
             self._cache["tok"] = tok
         return self._cache["tok"]
 

@@ -218,6 +218,7 @@ def generate(model, # a causal LM (put in eval mode while generating, then back)
              transformers_settings=None, # the guide's `transformers_settings` (any GenerationConfig field)
              custom_settings=None, # the guide's `custom_settings`: batch, skip_special_tokens, remove_prompt
              ids:list=None, # record ids, for the answers' ids (`{id}-{j}`)
+             model_inputs:list=None, # per prompt, more model inputs (a VLM's images); `model.batch_inputs` stacks a batch's into keyword arguments
             ) -> list:
     "Per prompt (a list of token ids), a list of answers `{id, content, answer_token_ids, sequence_score}`; batched, left padded."
     import torch
@@ -236,13 +237,15 @@ def generate(model, # a causal LM (put in eval mode while generating, then back)
         for idx in _batches(prompts, cs.batch):
             x, m = pad_batch([list(map(int, prompts[i])) for i in idx], pad, side="left")
             L = x.shape[1]
+            extra = model.batch_inputs([model_inputs[i] for i in idx]) if model_inputs is not None else {}
             with torch.no_grad():
-                g = model.generate(input_ids=x.to(dev), attention_mask=m.to(dev), generation_config=cfg, tokenizer=tokenizer if stops else None)
+                g = model.generate(input_ids=x.to(dev), attention_mask=m.to(dev), generation_config=cfg, tokenizer=tokenizer if stops else None, **extra)
             g = g[:, L:].tolist()
             k = ts.num_return_sequences
             rows = [(i, j, finish_answer(tokenizer, prompts[i], g[r * k + j], eos, stops, cs.skip_special_tokens, cs.remove_prompt, pad))
                     for r, i in enumerate(idx) for j in range(k)]
-            scores = answer_logprobs(model, [prompts[i] for i, _, _ in rows], [a["answer_token_ids"] for _, _, a in rows], pad, reduce="sum")
+            scores = answer_logprobs(model, [prompts[i] for i, _, _ in rows], [a["answer_token_ids"] for _, _, a in rows], pad, reduce="sum",
+                                     model_inputs=[model_inputs[i] for i, _, _ in rows] if model_inputs is not None else None)
             for r, i in enumerate(idx): out[i] = [None] * k
             for (i, j, a), s in zip(rows, scores):
                 out[i][j] = {"id": f"{ids[i]}-{j}" if ids is not None else str(j), **a, "sequence_score": s}

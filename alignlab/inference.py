@@ -322,9 +322,12 @@ def _preflight(st:InferenceSettings, kind:str, src) -> list:
     return _read_sources(st.dataset_settings, inference=True)
 
 def run_inference(settings, # the guide's inference JSON: a dict, a path or an `InferenceSettings`
-                  kind:Literal["chat", "classification", "rm"]="chat", # the command: inference_chat, inference_classification, inference_rm
+                  kind:Literal["chat", "classification", "rm", "multimodal"]="chat", # the command: inference_chat, inference_classification, inference_rm, inference_multimodal
                  ) -> Path:
     "Run the inference config `settings` (dict, JSON path or `InferenceSettings`); returns `save_path`."
+    if kind == "multimodal":  # its own settings (encoder, projector): alignlab.vlm_inference
+        from alignlab.vlm_inference import run_multimodal_inference
+        return run_multimodal_inference(settings)
     from alignlab.recipes import recipe  # the table of objectives: which data each inference command reads
     want = recipe(inference=kind, where="kind").inference_dataset_type
     st = load_settings(InferenceSettings, settings)

@@ -238,6 +238,7 @@ def load_model(model_settings, # the guide's `model_settings` (a dict, JSON path
                special_tokens_settings=None, # the guide's `special_tokens_settings` (bos/eos/pad/unk/sep)
                *, peft_settings=None, # overrides `model_settings.peft_settings`
                embeddings_initialization_strategy=None, # overrides `model_settings.embeddings_initialization_strategy`
+               new_tokens:list=None, # more tokens to add as special tokens, each initialized like any new token (a VLM's image tokens)
               ):
     "`(model, tokenizer)` from the guide's settings, with special tokens, new-token embeddings and PEFT (or an adapter) applied."
     import torch
@@ -251,6 +252,7 @@ def load_model(model_settings, # the guide's `model_settings` (a dict, JSON path
     tok = load_tokenizer(tokenizer_settings, path)
     known = set(tok.get_vocab())
     report = [tokenizer_line(tok)] + set_special_tokens(tok, special_tokens_settings)
+    if new_tokens: tok.add_tokens([t for t in new_tokens if t not in tok.get_vocab()], special_tokens=True)  # rows initialized below
     ts = ms.transformers_settings
     dtype = ts.dtype if ts.dtype == "auto" else getattr(torch, ts.dtype)
     try:

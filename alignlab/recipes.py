@@ -35,7 +35,7 @@ class Recipe:
     cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; its own data: score); None: none
     whole_trainer_settings:bool = False  # its `trainer_settings` class reads the section whole, `loss_settings` included (DPO, KTO); else `loss_settings` is lifted out (classification)
     check:Optional[Callable] = None  # (experiment settings) -> None: a one-line `SettingsError` for what the recipe cannot run, before anything loads
-    load:Optional[Callable] = None  # (model_settings, tokenizer_settings, special_tokens_settings) -> (model, tokenizer); None: `models.load_model`
+    load:Optional[Callable] = None  # (experiment settings) -> (model, tokenizer), instead of `load_model` (RAG: generator + question encoder; multimodal: the VLM around the LM)
 
     @property
     def command(self) -> str: return f"train_{self.name}"
@@ -92,6 +92,19 @@ def _classification_prepare(model, train_dataset, ts, packing=False, loss_settin
     return train_dataset, dict(alignlab_alpha=alpha, alignlab_gamma=ls.gamma), notes
 
 # %% ../nbs/09_recipes.ipynb #9bbc3d96
+# the multimodal recipe's parts live in alignlab.vlm (torch, the vision tower): imported when first used
+def _multimodal_collator(pad_id:int, packing=False):
+    from alignlab.multimodal_data import MultimodalCollator
+    return MultimodalCollator(pad_id)
+
+def _check_multimodal(s):
+    from alignlab.vlm import check_multimodal
+    check_multimodal(s)
+
+def _load_vlm(s):
+    from alignlab.vlm import load_vlm
+    return load_vlm(s)
+
 def _dpo_collator(pad_id:int, packing=False):
     from alignlab.preferences import PreferenceCollator
     return PreferenceCollator(pad_id, pack=bool(packing))  # packing: one row per pair, the context once
@@ -149,9 +162,9 @@ def _rag_prepare(model, train_dataset, ts, packing=False, loss_settings=None, ev
     from alignlab.rag_training import rag_prepare
     return rag_prepare(model, train_dataset, eval_dataset)
 
-def _rag_load(model_settings, tokenizer_settings=None, special_tokens_settings=None):
+def _rag_load(s):
     from alignlab.rag_training import load_rag_model
-    return load_rag_model(model_settings, tokenizer_settings, special_tokens_settings)
+    return load_rag_model(s.model_settings, s.tokenizer_settings, s.special_tokens_settings)
 
 RECIPES = (
     Recipe("sft", "chat", "ChatDataset", "causal", "a causal LM by supervised fine-tuning (SFT) on chat data", "AlignTrainer",
@@ -176,9 +189,12 @@ RECIPES = (
            collator=_kto_collator, trainer_settings=KTOTrainerSettings, prepare=_preference_prepare, cherry_picks="chat",
            whole_trainer_settings=True, check=_check_preference),
     Recipe("rag", "chat", "ChatDataset", "rag", "a RAG model end to end (generator + question encoder, RAG-sequence loss) on chat data",
-           "rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load,
+           "alignlab.rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load,
            inference="rag", inference_dataset_type="chat", cherry_picks="chat", inference_what="online RAG: retrieve for each chat record (question encoder + "
            "faiss index), generate, write each answer with its document ids and scores"),
+    Recipe("multimodal", "multimodal", "MultimodalDataset", "causal", "a vision-language model (frozen encoder, projector, causal LM) on multimodal data",
+           "alignlab.vlm.VLMTrainer", collator=_multimodal_collator, check=_check_multimodal, load=_load_vlm,
+           inference="multimodal", inference_dataset_type="multimodal", inference_what="generate answers about images for a multimodal dataset"),
 )
 
 # %% ../nbs/09_recipes.ipynb #e5f6db1d

@@ -58,18 +58,22 @@ TAKEN_BY = {
     "RAGIndexSettings": "retrieval.IndexSettings", "RAGRetrievalSettings": "retrieval.RetrievalSettings",
     "RAGPreTrainedModelSettings": "retrieval.RAGModelSettings", "RAGTrainExperimentSettings": "run.ExperimentSettings",
     "RAGSingleModelInferenceSettings": "rag_inference.RAGModelInferenceSettings", "RAGInferenceExperimentSettings": "rag_inference.RAGInferenceSettings",
+    # the multimodal recipe (train_multimodal, inference_multimodal, preprocess_multimodal_dataset): nbs/18*
+    "MultimodalTrainExperimentSettings": "run.ExperimentSettings", "MultimodalDatasetSettings": "multimodal_settings.MultimodalDatasetSettings",
+    "ModalityReaderSettings": "multimodal_settings.ModalityReaderSettings", "ModalityEncoderSettings": "multimodal_settings.ModalityEncoderSettings",
+    "MultimodalDatasetProcessingSettings": "multimodal_settings.MultimodalDatasetProcessingSettings",
+    "PreTrainedMultiModalModel": "vlm_inference.PreTrainedMultiModalModel",
+    "MultimodalSingleModelInferenceSettings": "vlm_inference.MultimodalModelInferenceSettings",
+    "MultimodalInferenceExperimentSettings": "vlm_inference.MultimodalInferenceSettings",
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
 _PREF = "not built yet: DDPO arrives with its own recipe"
-_MM = "not built yet: the multimodal pipelines arrive with their recipe"
 _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
     **{c: _PREF for c in "DDPOTrainExperimentSettings DDPODatasetSettings".split()},
-    **{c: _MM for c in ("MultimodalCherryPickSettings MultimodalDatasetSettings MultimodalDatasetProcessingSettings ModalityEncoderSettings "
-                        "ModalityReaderSettings PreTrainedMultiModalModel MultimodalSingleModelInferenceSettings "
-                        "MultimodalInferenceExperimentSettings MultimodalTrainExperimentSettings").split()},
+    "MultimodalCherryPickSettings": "not built yet: multimodal cherry-picks (generations on held-out images into the review store)",
     **{c: _OUT for c in ("BaseInferenceOutput AnswerMessage ChatInferenceOutput ClassificationInferenceOutput RMPairInferenceOutput "
                          "RMSamplingInferenceOutput RagInferenceOutput MultimodalInferenceOutput ElementWiseScores MetricResults").split()},
     "LigerKernelSettings": "refused: Liger kernels are Triton GPU kernels; nothing to patch on a CPU (model_settings.liger_kernels_settings)",
@@ -86,7 +90,9 @@ NOT_TAKEN = {
 ENUMS = {"DatasetType": ("data.DatasetSettings", "dataset_type"), "ModelType": ("models.ModelSettings", "model_type"),
          "MetricType": ("cherry_pick_settings.MetricSettings", "type"), "DatasetStrategy": None, "WandbMode": None,
          "DPOLossesType": ("preference_losses.DPOLossSettings", "loss_type"),
-         "ModalityEncoderType": None, "Modality": None, "ModalityReader": None, "ModalityProjectorType": None}
+         "ModalityEncoderType": ("multimodal_settings.ModalityEncoderSettings", "modality_encoder_type"), "Modality": None,
+         "ModalityReader": ("multimodal_settings.ModalityReaderSettings", "reader_type"),
+         "ModalityProjectorType": ("run.ExperimentSettings", "modality_projector_mapping")}
 
 # %% ../nbs/16_turbo.ipynb #606bb356
 @dataclass
@@ -164,7 +170,8 @@ def _values(C, field:str) -> tuple:
     if C.__name__ == "MetricSettings":  # metric types are checked against the metric table, not a Literal
         from alignlab.cherry_pick_settings import METRIC_PARAMETERS, NOT_AVAILABLE
         return set(METRIC_PARAMETERS), NOT_AVAILABLE
-    return _literal_values(C.model_fields[_keys(C)[field]].annotation), getattr(C, "refused_values", {}).get(field, {})
+    kinds = set(getattr(C, "kind_modules", {})) if field == "dataset_type" else set()  # dataset kinds read by their own settings class (multimodal)
+    return _literal_values(C.model_fields[_keys(C)[field]].annotation) | kinds, getattr(C, "refused_values", {}).get(field, {})
 
 def _enum_rows(name:str, c:dict) -> list:
     where = ENUMS.get(name)
@@ -183,7 +190,7 @@ def _enum_rows(name:str, c:dict) -> list:
 
 ENUM_NOTES = {"DatasetStrategy": "turbo's internal switch between train and inference datasets; no config key takes it",
               "WandbMode": "a value of WandbSettings.mode (logging_settings: inert here)",
-              "ModalityEncoderType": _MM, "Modality": _MM, "ModalityReader": _MM, "ModalityProjectorType": _MM}
+              "Modality": "the keys of the modality mappings (image; audio only as null, audio is not built) and, as text|image, a message's type"}
 
 # %% ../nbs/16_turbo.ipynb #4699802d
 def _field_row(tname:str, field:str, v:dict, C, enum_values:dict) -> FieldStatus:
@@ -215,6 +222,7 @@ _SAME = "same meaning: "
 DEFAULTS_DIFFER = {
     "DatasetSourceSettings.offset": _SAME + "turbo's None and alignlab's 0 both start at the first record",
     "ChatDatasetSettings.keep_end": _SAME + "None and False both keep the start of a long chat (turbo's keep_start)",
+    "MultimodalDatasetSettings.keep_end": _SAME + "None and False both keep the start of a long dialogue",
     **{f"{c}.dataset_type": _SAME + "one alignlab class reads every dataset kind; turbo's train/val dataset settings require dataset_type, so a turbo config states it"
        for c in ("ClassificationDatasetSettings", "PairPreferenceDatasetSettings", "SamplingDatasetSettings", "KTODatasetSettings")},
     "CustomChatGenerationSettings.batch": "speed only: 16 prompts per left-padded generate call; greedy answers are the same tokens at any batch (test_generate)",
