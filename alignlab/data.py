@@ -155,7 +155,7 @@ RECORD_KEYS = {"chat": {"id", "messages", "label", "meta"},
                "classification": {"id", "messages", "label"},
                "sampling": {"id", "dataset_name", "messages", "answers", "rewards", "label", "meta"}}
 _ROLE_NAMES = {"system": "system", "user": "user", "bot": "bot", "assistant": "bot"}
-RECORD_CHECKS = {}  # dataset_type -> its record check `(record, where, labels_required) -> record`, registered by the kind's settings module (multimodal)
+RECORD_CHECKS = {"multimodal": "alignlab.multimodal_settings.check_multimodal_record"}  # dataset_type -> the check `(record, where, labels_required) -> record` of a kind whose (higher) module checks its records; imported when first needed
 
 from .settings import near, show_value
 
@@ -193,7 +193,10 @@ def check_record(r, # one parsed JSON record
                  labels_required:bool=True, # classification: False accepts a record without `label` (inference on unlabelled data)
                 ) -> dict:
     "Validate one record of `dataset_type`; returns it normalized (string id, roles as `bot`), or raises `DataError`."
-    if dataset_type in RECORD_CHECKS: return RECORD_CHECKS[dataset_type](r, where, labels_required)  # a kind whose module checks its records
+    if dataset_type in RECORD_CHECKS:  # a kind whose module checks its records
+        import importlib
+        mod, fn = RECORD_CHECKS[dataset_type].rsplit(".", 1)
+        return getattr(importlib.import_module(mod), fn)(r, where, labels_required)
     if not isinstance(r, dict): raise DataError(f"{where}: expected a JSON object, got {_tname(r)}")
     keys = RECORD_KEYS[dataset_type]
     for k in r:

@@ -111,7 +111,7 @@ class MultimodalDatasetProcessingSettings(Settings):
         return self
 
 # %% ../nbs/18_multimodal_settings.ipynb #bc726cb1
-from .data import DataError, RECORD_CHECKS, _message, _tname, near
+from .data import DataError, _message, _tname, near
 
 MESSAGE_TYPES = ("text", "image", "audio")
 
@@ -164,4 +164,3 @@ def check_multimodal_record(r, # one parsed JSON record
     if r.get("meta") is not None: rec["meta"] = r["meta"]
     return rec
 
-RECORD_CHECKS["multimodal"] = check_multimodal_record
