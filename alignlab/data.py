@@ -96,9 +96,8 @@ class DatasetSettings(Settings):
                                     "chat_dataset": "turbo's nesting of the chat part of sampling data: lifted to the top level"}
     refused_values: ClassVar[dict] = {"dataset_type": {
         "ddpo": "not built yet: the DDPO pipeline arrives with the preference-optimization recipes"}}
-    # dataset kinds whose settings class lives in a higher module: `dataset_type` names the module, imported when first read
-    kind_modules: ClassVar[dict] = {"multimodal": "alignlab.multimodal_settings"}
-    kinds: ClassVar[dict] = {}  # dataset_type -> its settings class (a subclass; the module registers it on import)
+    # dataset kinds whose settings class (a subclass) lives in a higher module: dataset_type -> its dotted path, imported when first read
+    kind_modules: ClassVar[dict] = {"multimodal": "alignlab.multimodal_settings.MultimodalDatasetSettings"}
     sources: list[SourceSettings] = Field(min_length=1)
     prompt_template: PromptTemplateSettings = PromptTemplateSettings()
     dataset_type: Literal["chat", "pair_preferences", "classification", "sampling", "kto"] = "chat"
@@ -120,8 +119,9 @@ class DatasetSettings(Settings):
         "A dataset_type with its own settings class (`kinds`): the whole block is read by that class."
         kind = data.get("dataset_type") if isinstance(data, dict) and cls is DatasetSettings else None
         if kind in cls.kind_modules:
-            if kind not in cls.kinds: import importlib; importlib.import_module(cls.kind_modules[kind])
-            return cls.kinds[kind].model_validate(data)
+            import importlib
+            mod, name = cls.kind_modules[kind].rsplit(".", 1)
+            return getattr(importlib.import_module(mod), name).model_validate(data)
         return handler(data)
 
     @model_validator(mode="before")

@@ -85,7 +85,6 @@ class MultimodalDatasetSettings(DatasetSettings):
         "The text one image becomes: the start token, `n_modality_embeddings` placeholders, the end token."
         return self.start_modality_token + self.image_token * self.n_modality_embeddings + self.end_modality_token
 
-DatasetSettings.kinds["multimodal"] = MultimodalDatasetSettings
 
 # %% ../nbs/18_multimodal_settings.ipynb #7263b665
 class MultimodalDatasetProcessingSettings(Settings):
