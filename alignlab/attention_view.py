@@ -14,6 +14,7 @@ from .templates import LLAMA3, ChatTemplate, IGNORE_INDEX, encode, sample_html
 from .inspect.tokens import DOC_SEP, doc_spans
 from .rag_records import split_rag_prompt
 from .data import DataError
+from .widgets import panel_extension
 
 # %% ../nbs/17d_attention_view.ipynb #50fa7a37
 def rag_parts(record:dict, # a doc_sep chat record (`rag_records.rag_record`): the last turn is the gold answer
@@ -193,8 +194,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
                    report:dict=None, # an `attention_report` already computed; None: compute it
                   ):
     "A Panel layout: the documents as spans, the attention on each document per layer × head and per answer token, retrieval utility."
-    import panel as pn
-    pn.extension()
+    pn = panel_extension()  # JS inline: renders in Jupyter offline
     r = report or attention_report(record, model, tokenizer, template, doc_sep)
     L, H, D, _ = r["mass"].shape
     groups = {k: f"doc {n + 1}" for n, (a, b) in enumerate(r["spans"]) for k in range(a, b)}

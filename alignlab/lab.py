@@ -37,8 +37,9 @@ class LabServer:
                 ): self.url, self.token, self.root, self.log = url, token, Path(root), Path(log)
     def notebook_url(self, name:str, # a notebook's path inside `root`
                     ) -> str:
-        "The URL that opens notebook `name` in JupyterLab, token included."
-        return f"{self.url}/lab/tree/{name}?token={self.token}"
+        "The URL that opens notebook `name` in JupyterLab, token included, in a workspace of its own: no other notebook's tab is open."
+        import re
+        return f"{self.url}/lab/workspaces/{re.sub(r'[^A-Za-z0-9_-]+', '-', name)}/tree/{name}?token={self.token}"
     def log_tail(self, n:int=3000, # how many characters
                 ) -> str:
         "The end of the server's log (for a failing test's report)."
@@ -47,15 +48,16 @@ class LabServer:
 @contextlib.contextmanager
 def serve_jupyterlab(root_dir=None, # the folder to serve; None: a new temporary folder
                      timeout:float=120, # seconds to wait for the server to answer
+                     panel_inline:bool=True, # set `PANEL_INLINE=1` for the kernels (plain `pn.extension()` renders offline); False: leave it unset, as a user's JupyterLab is
                     ):
-    "Run JupyterLab on 127.0.0.1 with a fresh token and private state (Panel JS inline); yields a `LabServer`."
+    "Run JupyterLab on 127.0.0.1 with a fresh token and private state (Panel JS inline unless `panel_inline=False`); yields a `LabServer`."
     with contextlib.ExitStack() as stack:
         state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         root = Path(root_dir or stack.enter_context(tempfile.TemporaryDirectory()))
         port, token = free_port(), secrets.token_hex(16)
         _no_news(state)
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(state/"config"), "JUPYTER_RUNTIME_DIR": str(state/"runtime"),
-               "PANEL_INLINE": "1"}
+               **({"PANEL_INLINE": "1"} if panel_inline else {})}
         log = state/"lab.log"
         proc = subprocess.Popen(lab_command(root, port, token, state), stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         lab = LabServer(f"http://127.0.0.1:{port}", token, root, log)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .templates import IGNORE_INDEX, LLAMA3, ChatTemplate, Sample, _visible, encode, sample_html
+from .widgets import panel_extension
 
 # %% ../nbs/18d_patch_view.ipynb #0b027574
 class ClipPatches(torch.nn.Module):
@@ -382,8 +383,7 @@ def patch_view(image=None, # an image path, a PIL image, or pixel values `[1,3,h
                image_index:int=0, # where `image` is None: which of the record's images
               ):
     "A Panel layout: the image with its patch grid and output-norm heatmap, click an embedding for its readings, the count check, the loss mask."
-    import panel as pn
-    pn.extension(inline=True)  # JS and CSS from the Python packages, not a CDN: Jupyter offline renders nothing otherwise
+    pn = panel_extension()  # JS and CSS from the Python packages, not a CDN: Jupyter offline renders nothing otherwise
     encoder, projector, language_model = (x if x is not None else getattr(vlm, a) for x, a in
                                           ((encoder, "encoder"), (projector, "projector"), (language_model, "language_model")))
     image = record_image(record, root, image_index) if image is None else image

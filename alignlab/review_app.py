@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 from .review import Review, REVIEW_CSS, prompt_html, metric_curves_svg, select_prompts
 from .ratings import RatingStore, rated_keys, ratings_html, agreement_html
+from .widgets import panel_extension
 
 # %% ../nbs/19b_review_app.ipynb #60f8593d
 def default_ratings_dir(runs, # the run directories (or review-store files) under review
@@ -81,8 +82,7 @@ class ReviewApp:
                  reviewer:str="", # the reviewer's name to start with
                  labels:list=None, # a name per run; None: the directories' names
                 ):
-        import panel as pn
-        pn.extension()
+        pn = panel_extension()  # JS inline: renders in Jupyter offline
         self.review = runs if isinstance(runs, Review) else Review(runs, labels)
         paths = list(self.review.paths.values())
         self.store = RatingStore(ratings_dir or default_ratings_dir(paths[0]))  # paths[0] is the first store: its directory's review/

@@ -130,28 +130,56 @@ def test_every_sidebar_page_is_reachable_from_the_nav(site, page):
         assert len(page.locator("main").inner_text().split()) > 30, href
 
 
-# Widget pages: each widget's docs page shows it as a static embed that still reacts (the states Panel precomputed).
-# One row a widget: (notebook, a part of the drawn widget, interaction inside the iframe, probe that must change).
+# Widget pages: each widget's docs page shows it as a static embed that still reacts (the states Panel precomputed), or for the
+# review app its static export (no script, no server: the page a reviewer gets by mail).
+# One row a widget: (notebook, which widget on the page (its static page is `<notebook stem>-<n>.html`), a part of the drawn
+# widget, an interaction inside the iframe, a probe that must change).
+def _other_option(f, probe):
+    "Pick another value of the first select, one Panel embedded (it embeds `max_opts` values per widget): until `probe` changes."
+    import time
+    s, before = f.locator("select").first, probe(f)
+    cur = s.evaluate("e => e.selectedIndex")
+    for i in range(s.locator("option").count()):
+        if i == cur: continue
+        s.select_option(index=i); time.sleep(0.5)
+        if probe(f) != before: return
+
+
 DOC_WIDGETS = [
-    ("12_inspect_tokens.ipynb", lambda f: f.locator(".summary").first,  # "80 tokens, 14 carry loss; ..."
+    ("12_inspect_tokens.ipynb", 1, lambda f: f.locator(".summary").first,  # "80 tokens, 14 carry loss; ..."
      lambda f: f.get_by_role("checkbox").first.click(),         # only_answer_loss, the first checkbox
      lambda f: f.locator(".summary").first.inner_text()),
-    # to add when they land: the attention view (nbs/17d), the patch view (nbs/18d), the review app's export (nbs/19_review)
+    pytest.param("17d_attention_view.ipynb", 1, lambda f: f.locator(".tokens-heatmap").first,
+     lambda f: _other_option(f, lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer")),  # the layer: the first select
+     lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer"),
+     marks=pytest.mark.xfail(strict=True, reason="not done: the page embeds the view (data-embed=embedded) but no layer pick changes the heatmap: Panel's embed did not record the pn.bind states")),
+    pytest.param("18d_patch_view.ipynb", 1, lambda f: f.locator(".patch-detail").first,
+     lambda f: _other_option(f, lambda f: f.locator(".patch-detail").first.get_attribute("data-output")),  # the embedding picker
+     lambda f: f.locator(".patch-detail").first.get_attribute("data-output"),
+     marks=pytest.mark.xfail(strict=True, reason="not done: the page embeds the view (data-embed=embedded) but no embedding pick changes the detail panel: Panel's embed did not record the watcher's states")),
+    pytest.param("19b_review_app.ipynb", 2, lambda f: f.locator("details.rv-item").first,  # the export (widget 1 is the app itself)
+     lambda f: f.locator("details.rv-item summary").first.click(),  # open the first prompt's answers
+     lambda f: str(f.locator("details.rv-item").first.evaluate("d => d.open")),
+     marks=pytest.mark.xfail(strict=True, reason="not done: _exec/widgets/19b_review_app-2.html (the export) is written, but the page shows no iframe for it")),
 ]
 
 
-@pytest.mark.parametrize("nb,ready,interact,probe", DOC_WIDGETS, ids=[w[0] for w in DOC_WIDGETS])
-def test_widget_page_shows_its_widget(site, page, nb, ready, interact, probe):
+@pytest.mark.parametrize("nb,n,ready,interact,probe", DOC_WIDGETS, ids=[(w.values if hasattr(w, "values") else w)[0] for w in DOC_WIDGETS])
+def test_widget_page_shows_its_widget(site, page, nb, n, ready, interact, probe):
+    from pathlib import Path
     from playwright.sync_api import expect
     page.goto((site / docs.page_name(nb, ROOT)).as_uri())
-    frame_el = page.locator("iframe.alignlab-widget").first
+    sel = f"iframe.alignlab-widget[title='{Path(nb).stem}-{n}.html']"
+    frame_el = page.locator(sel)
     expect(frame_el).to_be_visible()
     frame_el.scroll_into_view_if_needed()
-    f = page.frame_locator("iframe.alignlab-widget").first
+    f = page.frame_locator(sel)
     expect(ready(f)).to_be_visible(timeout=120000)  # a 7 MB page (every embedded state): slow to draw on a loaded 2-core box
     before = probe(f)
     interact(f)
-    page.wait_for_timeout(500)
+    for _ in range(20):  # the embedded state is applied by Panel's JS
+        if probe(f) != before: break
+        page.wait_for_timeout(250)
     assert probe(f) != before, f"{nb}: the embedded widget did not change ({before!r})"
     shots = site / "screenshots"; shots.mkdir(exist_ok=True)
     page.screenshot(path=str(shots / docs.page_name(nb, ROOT).replace(".html", ".png")))

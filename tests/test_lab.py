@@ -2,9 +2,10 @@
 the widget opened in headless Chromium, its cell run, the widget drawn, one interaction, and the kernel's answer seen twice:
 the widget redraws from Python, and a second cell prints the widget's Python-side state.
 
-To add a widget, add one `Widget(...)` to WIDGETS (and drop its line from PENDING). Runtime: one JupyterLab for the module
-(about 10 s to start), then per widget a kernel start, its imports and the clicks: about 30-40 s for the token inspector on
-the 2-core machine.
+Every widget alignlab ships is in WIDGETS (the token inspector, the attention view, the patch view, the review app); a new one
+adds one `Widget(...)`. The kernels get no `PANEL_INLINE` and there is no network: each widget loads Panel's JS inline itself
+(`alignlab.widgets.panel_extension`), or it is not drawn. Runtime: one JupyterLab for the module (about 10 s to start), then
+per widget a kernel start, its imports and the clicks: about 30-40 s each on the 2-core machine.
 """
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,23 @@ def _summary(out):
     return out.locator(".summary").first.inner_text()
 
 
+def _click_patch(out, row, col, s=2):
+    """Click the centre of output cell (row, col) of the patch view's s×s grid: the plot's frame is the canvas' left square (the
+    colour bar sits right of it). Bokeh reads two clicks within its double-tap interval as one double tap: wait 0.7 s first."""
+    canvas = out.locator("canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    out.page.wait_for_timeout(700)
+    out.page.mouse.click(box["x"] + (col + 0.5) * box["height"] / s, box["y"] + (row + 0.5) * box["height"] / s)
+
+
+def _rate_b(out):
+    "Type a reviewer's name (the app refuses a nameless rating), then 'B is better': a line in the ratings file, and the next prompt."
+    out.get_by_placeholder("your name").first.fill("ana")
+    out.page.wait_for_timeout(500)
+    out.get_by_role("button", name="B is better").first.click()
+
+
 WIDGETS = [
     Widget(
         name="token inspector",
@@ -47,13 +65,49 @@ WIDGETS = [
         check="print('only_answer_loss =', app[2][0].value)",
         expect="only_answer_loss = False",
     ),
-]
-
-# Widgets that land later in this issue: each becomes one Widget(...) above. Until then a skipped test names it.
-PENDING = [
-    ("attention view", "nbs/17d (RAG: attention over the retrieved documents)"),
-    ("patch view", "nbs/18d (VLM: what the projector makes of an image patch)"),
-    ("review app", "nbs/19_review, alignlab/review.py (the cherry-pick review app)"),
+    Widget(
+        name="attention view",
+        notebook="nbs/17d_attention_view.ipynb",
+        build=("from alignlab.models import load_model\n"
+               "from alignlab.rag_records import DOC_SEP_INIT, rag_record\n"
+               "from alignlab.attention_view import attention_view\n"
+               "model, tok = load_model({'model_path': 'tiny-llama', 'model_type': 'causal', 'transformers_settings': {'dtype': 'float32'}},\n"
+               "                        embeddings_initialization_strategy=DOC_SEP_INIT)\n"
+               "rec = rag_record('Where does Ardone live?', ['Bisa lives in Kolu.', 'Ardone lives in Tamemo.', 'Cemo keeps a frog.'],\n"
+               "                 'Ardone lives in Tamemo.', id='demo')\n"
+               "view = attention_view(rec, model, tok)\n"
+               "view"),
+        ready="Attention over documents",
+        # the first <select> is the layer (then head, document): pick layer 2; the heatmap is redrawn by the kernel
+        interact=lambda out: out.locator("select").first.select_option("2"),
+        probe=lambda out: out.locator(".tokens-heatmap").first.get_attribute("data-layer"),  # "mean" -> "2"
+        check="print('layer =', view[2][0].value)",
+        expect="layer = 2",
+    ),
+    Widget(
+        name="patch view",
+        notebook="nbs/18d_patch_view.ipynb",
+        build="from alignlab.patch_view import demo_view\nv = demo_view('c_abs')\nv",
+        ready="embedding 0 of 4",
+        interact=lambda out: _click_patch(out, 1, 1),  # bottom right of the 2x2 output grid: embedding 3
+        probe=lambda out: out.locator(".patch-detail").first.get_attribute("data-output"),  # "0" -> "3"
+        check="print('embedding =', v[2][0][1].value)",  # the embedding picker, set by the click on the plot
+        expect="embedding = 3",
+    ),
+    Widget(
+        name="review app",
+        notebook="nbs/19b_review_app.ipynb",
+        build=("import tempfile\n"
+               "from alignlab.review import demo_runs\n"
+               "from alignlab.review_app import ReviewApp\n"
+               "app = ReviewApp(demo_runs(), ratings_dir=tempfile.mkdtemp())\n"
+               "app"),
+        ready="prompt(s) pass the filters",
+        interact=_rate_b,
+        probe=lambda out: out.locator(".rv-count").first.inner_text(),  # "1 of 8 ..." -> "2 of 8 ...": rated, moved on
+        check="print('ratings:', [(r['reviewer'], r['winner']) for r in app.store.ratings()])",  # read back from the ratings file
+        expect="ratings: [('ana', 'b')]",
+    ),
 ]
 
 
@@ -64,7 +118,8 @@ def lab():
         if os.environ.get("CI") == "true" or os.environ.get("ALIGNLAB_REQUIRE_BROWSER") == "1": pytest.fail("jupyterlab is not installed")
         pytest.skip("jupyterlab is not installed (pip install -e '.[dev]')")
     from alignlab.lab import serve_jupyterlab
-    with serve_jupyterlab() as server: yield server
+    # no PANEL_INLINE for the kernels, as in a user's JupyterLab: each widget must load Panel's JS inline itself (offline here)
+    with serve_jupyterlab(panel_inline=False) as server: yield server
 
 
 @pytest.mark.parametrize("w", WIDGETS, ids=[w.name.replace(" ", "_") for w in WIDGETS])
@@ -89,8 +144,3 @@ def test_widget_renders_and_answers_through_the_kernel(w, lab, page, tmp_path):
         page.screenshot(path=str(tmp_path/"lab.png"))
         print(f"screenshot: {tmp_path/'lab.png'}\nJupyterLab log:\n{lab.log_tail()}")
         raise
-
-
-@pytest.mark.parametrize("name,where", PENDING, ids=[n.replace(" ", "_") for n, _ in PENDING])
-def test_pending_widget(name, where):
-    pytest.skip(f"{name} ({where}) is not built yet: add it to WIDGETS in tests/test_lab.py when it lands")

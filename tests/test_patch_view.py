@@ -51,39 +51,4 @@ def test_wrong_n_modality_embeddings_is_shown_with_the_correct_value():
     assert "n_modality_embeddings=9" in check.object and check.object.endswith("The correct value is n_modality_embeddings=16")
 
 
-def test_patch_view_in_jupyterlab_renders_offline_and_a_click_reaches_the_kernel(page, tmp_path):
-    """The same view as a notebook output in JupyterLab (no network: Panel's JS must come inline, not from its CDN), and a click
-    on the plot travels through the kernel's comm to the detail panel."""
-    import os, re, subprocess, sys, time, urllib.request
-    import nbformat
-    from playwright.sync_api import expect
-    from alignlab.browser import free_port
-    pytest.importorskip("jupyterlab")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("from alignlab.patch_view import demo_view\ndemo_view('c_abs')")],
-                                  metadata={"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}})
-    nbformat.write(nb, tmp_path / "view.ipynb")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             "--ServerApp.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}", "--allow-root",
-                             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")})
-    try:
-        t = time.time()
-        while True:
-            try: urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=2); break
-            except Exception:
-                if time.time() - t > 120 or proc.poll() is not None: pytest.fail("jupyter lab did not start within 120 s")
-                time.sleep(1)
-        page.goto(f"http://127.0.0.1:{port}/lab/tree/view.ipynb", timeout=120000)
-        expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=120000)
-        expect(page.get_by_role("button", name=re.compile(r"\| Idle"))).to_be_visible(timeout=120000)  # the kernel is up (status bar)
-        page.locator(".jp-Notebook .jp-Cell").first.click()
-        page.keyboard.press("Shift+Enter")
-        detail = page.locator(".patch-detail").first
-        expect(detail).to_have_attribute("data-output", "0", timeout=180000)
-        _click_cell(page, detail, 1, 1, canvas=".jp-OutputArea canvas")
-        assert "embedding 3 of 4" in detail.inner_text()
-    finally:
-        proc.terminate()
-        try: proc.wait(15)
-        except subprocess.TimeoutExpired: proc.kill()
+# In JupyterLab (offline, a click through the kernel's comm): tests/test_lab.py's WIDGETS, with the other widgets.

@@ -10,6 +10,7 @@ import html, json
 from pathlib import Path
 from ..templates import LLAMA3, ChatTemplate, Sample, TruncationError, sample_html, encode, _token_spans
 from ..seams import seam_marks
+from ..widgets import panel_extension
 
 # %% ../../nbs/12_inspect_tokens.ipynb #e1ff76f3
 DOC_SEP = "<doc_sep>"  # the guide's document separator token (offline RAG)
@@ -76,8 +77,7 @@ def token_inspector(records, # chat records: a list, a JSONL path or a dataset (
                     max_options:int=500, # up to this many records a dropdown picks from; more: an index input
                    ):
     "A Panel layout: pick a record, toggle the settings, see tokens, mask and cut update live."
-    import panel as pn
-    pn.extension()
+    pn = panel_extension()  # JS inline: renders in Jupyter offline
     opts = getattr(records, "options", {}) or {}
     template = template or getattr(records, "template", None) or LLAMA3
     only_answer_loss = opts.get("only_answer_loss", True) if only_answer_loss is None else only_answer_loss
