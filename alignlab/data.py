@@ -116,9 +116,9 @@ class DatasetSettings(Settings):
     @model_validator(mode="wrap")
     @classmethod
     def _kind(cls, data, handler):
-        "A dataset_type with its own settings class (`kinds`): the whole block is read by that class."
+        "A dataset_type with its own settings class (`kind_modules`): the whole block is read by that class."
         kind = data.get("dataset_type") if isinstance(data, dict) and cls is DatasetSettings else None
-        if kind in cls.kind_modules:
+        if isinstance(kind, str) and kind in cls.kind_modules:  # any other value: the field's own one-line error
             import importlib
             mod, name = cls.kind_modules[kind].rsplit(".", 1)
             return getattr(importlib.import_module(mod), name).model_validate(data)
