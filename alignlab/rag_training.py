@@ -240,7 +240,7 @@ class RAGCherryPickCallback(CherryPickCallback):
         "Generate with retrieval on each dataset, score, store with the retrieved documents; the averages to log."
         return _rag_cherry_logs(self, model, step, now)
 
-RAGSequenceModel.alignlab_cherry_picks = RAGCherryPickCallback  # `run.train` builds this callback for a RAG model
+# the recipes table names this class in the rag row (`cherry_pick_callback`): `run.train` builds it for a RAG run
 
 # %% ../nbs/17c_rag_training.ipynb #bcfe2844
 def rag_train_settings(run_dir, # the run directory (log_path)

@@ -33,6 +33,7 @@ class Recipe:
     packs:bool = False  # `packing` applies
     has_loss_settings:bool = False  # `trainer_settings.loss_settings` applies
     cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; its own data: score); None: none
+    cherry_pick_callback:str = "CherryPickCallback"  # its cherry-pick callback: a class of `alignlab.trainers`, or a dotted path (RAG: generate with retrieval)
     whole_trainer_settings:bool = False  # its `trainer_settings` class reads the section whole, `loss_settings` included (DPO, KTO); else `loss_settings` is lifted out (classification)
     check:Optional[Callable] = None  # (experiment settings) -> None: a one-line `SettingsError` for what the recipe cannot run, before anything loads
     load:Optional[Callable] = None  # (experiment settings) -> (model, tokenizer), instead of `load_model` (RAG: generator + question encoder; multimodal: the VLM around the LM)
@@ -190,7 +191,8 @@ RECIPES = (
            whole_trainer_settings=True, check=_check_preference),
     Recipe("rag", "chat", "ChatDataset", "rag", "a RAG model end to end (generator + question encoder, RAG-sequence loss) on chat data",
            "alignlab.rag_training.RAGTrainer", collator=_rag_collator, prepare=_rag_prepare, load=_rag_load,
-           inference="rag", inference_dataset_type="chat", cherry_picks="chat", inference_what="online RAG: retrieve for each chat record (question encoder + "
+           inference="rag", inference_dataset_type="chat", cherry_picks="chat",
+           cherry_pick_callback="alignlab.rag_training.RAGCherryPickCallback", inference_what="online RAG: retrieve for each chat record (question encoder + "
            "faiss index), generate, write each answer with its document ids and scores"),
     Recipe("multimodal", "multimodal", "MultimodalDataset", "causal", "a vision-language model (frozen encoder, projector, causal LM) on multimodal data",
            "alignlab.vlm.VLMTrainer", collator=_multimodal_collator, check=_check_multimodal, load=_load_vlm,

@@ -351,8 +351,7 @@ def train(settings, # an `ExperimentSettings`, or the guide's train JSON (a path
     _say_drops(train_ds, val_ds)
     callbacks = list(callbacks)
     if s.cherry_pick_settings:
-        from alignlab.trainers import CherryPickCallback
-        callbacks.append(getattr(model, "alignlab_cherry_picks", CherryPickCallback)(s.cherry_pick_settings, tok, run_dir))  # RAG: with retrieval
+        callbacks.append(_trainer_class(r.cherry_pick_callback)(s.cherry_pick_settings, tok, run_dir))  # the recipe's (RAG: with retrieval)
     if progress and _in_notebook(): callbacks.append(LiveLossPlot())
     trainer = make_trainer(r, model, tok, train_ds, val_ds, s.trainer_settings.model_dump(mode="json", exclude_unset=True), run_dir,
                            packing=s.packing, loss_settings=s.loss_settings, callbacks=callbacks, seed=s.seed)
