@@ -293,7 +293,8 @@ def svg_lines(series:list, # `(label, color, xs, ys, dashed)` per line; a y of N
         dash = " stroke-dasharray='5 3'" if dashed else ""
         seg = [f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys) if y is not None]
         out.append(f"<polyline points='{' '.join(seg)}' fill='none' stroke='{color}' stroke-width='2'{dash}/>")
-        out += [f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='3' fill='{color}'/>" for x, y in zip(xs, ys) if y is not None]
+        out += [f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='3' fill='{color}'><title>{html.escape(label)} @ {x:g}: {y:.4g}</title></circle>"
+                for x, y in zip(xs, ys) if y is not None]  # the value on hover
         ly = T + 8 + 16 * i
         out.append(f"<line x1='{width - R + 10}' x2='{width - R + 34}' y1='{ly}' y2='{ly}' stroke='{color}' stroke-width='2'{dash}/>"
                    f"<text x='{width - R + 40}' y='{ly + 4}'>{html.escape(label)}</text>")
