@@ -9,7 +9,7 @@ __all__ = ['METRIC_PARAMETERS', 'NOT_AVAILABLE', 'SCORE_METRICS', 'GENERATION_KE
 
 # %% ../nbs/08a_cherry_pick_settings.ipynb #5c550cbf
 from collections import Counter
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from .settings import Settings, SettingsError, did_you_mean, one_line
 from .data import DatasetSettings, PromptTemplateSettings
@@ -95,6 +95,8 @@ GENERATION_KEYS = ("generator_transformers_settings", "custom_generation_setting
 
 class CherryPickSettings(Settings):
     "The guide's `cherry_pick_settings`: a chat set to generate on, or a classification / pair_preferences set to score."
+    # cherry-pick kinds whose settings class (a subclass) lives in a higher module: dataset_type -> its dotted path, imported when first read
+    kind_modules: ClassVar[dict] = {"multimodal": "alignlab.multimodal_settings.MultimodalCherryPickSettings"}
     dataset_settings: DatasetSettings
     metric_settings: list[MetricSettings] = []
     generator_transformers_settings: TransformersGenerationSettings = TransformersGenerationSettings()
@@ -105,6 +107,23 @@ class CherryPickSettings(Settings):
         "The cherry-pick data's `dataset_type`: 'chat' generates, 'classification' and 'pair_preferences' score."
         return self.dataset_settings.dataset_type
 
+    @property
+    def generates(self) -> bool:
+        "Whether the cherry-picks generate answers (chat; multimodal's subclass too) rather than score labelled records."
+        return self.kind == "chat"
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _by_kind(cls, data, handler):
+        "Cherry-picks on data with its own settings class (`kind_modules`: multimodal) are read whole by that class."
+        ds = data.get("dataset_settings") if isinstance(data, dict) and cls is CherryPickSettings else None
+        kind = ds.get("dataset_type") if isinstance(ds, dict) else getattr(ds, "dataset_type", None)
+        if isinstance(kind, str) and kind in cls.kind_modules:
+            import importlib
+            mod, name = cls.kind_modules[kind].rsplit(".", 1)
+            return getattr(importlib.import_module(mod), name).model_validate(data)
+        return handler(data)
+
     @model_validator(mode="after")
     def _check(self):
         kind, kinds = self.kind, list(dict.fromkeys(r.cherry_picks for r in RECIPES if r.cherry_picks))
@@ -113,7 +132,7 @@ class CherryPickSettings(Settings):
         names = [s.name for s in self.dataset_settings.sources]
         dup = [k for k, c in Counter(names).items() if c > 1]
         if dup: raise ValueError(f"dataset_settings.sources: each source is one cherry-pick dataset named by its name; {dup[0]!r} is used twice")
-        if kind == "chat":
+        if self.generates:
             n = self.generator_transformers_settings.num_return_sequences
             if n < 2 and any(m.type == "self_bleu" for m in self.metric_settings):
                 raise ValueError(f"metric_settings: self_bleu compares a prompt's answers with each other, so it needs "

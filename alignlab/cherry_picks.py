@@ -34,9 +34,10 @@ def _label(record:dict, kept:tuple) -> Optional[dict]:
 # %% ../nbs/08d_cherry_picks.ipynb #161e0dc1
 def _cherry_datasets(st:DatasetSettings, # the cherry-pick `dataset_settings`
                      tokenizer, # the policy's tokenizer
+                     prompts:bool=None, # build prompts to generate from (`CherryPickSettings.generates`); None: chat data only
                     ) -> dict:
     "Name -> dataset of each source (chat: prompts, `build_dataset(..., inference=True)`; else labelled records); built when the callback is, so a bad one fails before training."
-    out, chat = {}, st.dataset_type == "chat"
+    out, chat = {}, st.dataset_type == "chat" if prompts is None else prompts
     for src in st.sources:
         ds = build_dataset(st.model_copy(update={"sources": [src]}), tokenizer, inference=chat, name=src.name)
         if len(ds) == 0:
@@ -244,14 +245,14 @@ class CherryPicks:
         self.store_path = self.run_dir / STORE_NAME
         self.ref_models = ref_model if isinstance(ref_model, dict) or ref_model is None else {"reference": ref_model, "sft": ref_model}
         self.trainer, self.history, self.skipped, self._last_step = None, [], Counter(), None
-        self.datasets = _cherry_datasets(self.settings.dataset_settings, tokenizer)
+        self.datasets = _cherry_datasets(self.settings.dataset_settings, tokenizer, self.settings.generates)
         self.reward = _reward_scorer(self.settings, tokenizer, reward_model)
 
     def attach(self, trainer, # the HF `Trainer` that logs the averages; kl checks its model for an adapter
               ):
         "Let the callback log through `trainer` (the trainer factory calls this)."
         self.trainer = trainer
-        if self.settings.kind == "chat": _check_kl_references(self.settings.metric_settings, self.ref_models, trainer.model)
+        if self.settings.generates: _check_kl_references(self.settings.metric_settings, self.ref_models, trainer.model)
         else: _check_score_model(self.settings.kind, trainer.model, self.datasets)
         return self
 
@@ -275,7 +276,7 @@ class CherryPicks:
         "Generate and score (chat) or score (classification, pair_preferences), store; returns the averages to log (`cherry_pick/<dataset>/<metric>`)."
         was_training = model.training; model.eval()
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        try: logs = self._generate(model, step, now) if self.settings.kind == "chat" else self._score(model, step, now)
+        try: logs = self._generate(model, step, now) if self.settings.generates else self._score(model, step, now)
         finally: model.train(was_training)
         self.history.append({"step": step, **logs})
         return logs

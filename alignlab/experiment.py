@@ -386,6 +386,17 @@ class _VisionChain(_RAGChain):
         if not hasattr(self, "_vision"): raise SettingsError("multimodal_dataset: no vision parts yet; expected .vision(encoder=..., projector=..., n_modality_embeddings=...) first")
         return self._dataset("multimodal", train, val, template, **{**self._vision, **kw})
 
+    def cherry_picks(self, settings=None, # `cherry_pick_settings` as a dict, JSON path or object; None: the keywords
+                     **kw,
+                    ) -> "Experiment":
+        "`cherry_pick_settings`; after `.multimodal_dataset`, a `dataset_settings` given as a path, records or zoo name (its val split), or a dict of only some keys, takes the rest from the training data (images on held-out records, 18i)."
+        src, tds = settings if settings is not None else kw, self._d.get("train_dataset_settings") or {}
+        if isinstance(src, dict) and tds.get("dataset_type") == "multimodal" and "dataset_settings" in src:
+            ds = src["dataset_settings"]
+            if not isinstance(ds, dict): ds = {"sources": [_source(_zoo_split(ds, "val"), "held_out")]}
+            src = {**src, "dataset_settings": {**{k: v for k, v in tds.items() if k != "sources"}, **ds}}
+        return super().cherry_picks(src)
+
 
 # %% ../nbs/11_experiment.ipynb #e11c0003
 class _Plan(_VisionChain):

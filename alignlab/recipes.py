@@ -32,8 +32,8 @@ class Recipe:
     inference_what:Optional[str] = None  # one line, for the inference command's help
     packs:bool = False  # `packing` applies
     has_loss_settings:bool = False  # `trainer_settings.loss_settings` applies
-    cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; its own data: score); None: none
-    cherry_pick_callback:str = "CherryPickCallback"  # its cherry-pick callback: a class of `alignlab.trainers`, or a dotted path (RAG: generate with retrieval)
+    cherry_picks:Optional[str] = None  # the `dataset_type` its `cherry_pick_settings` read ('chat': generate; multimodal: generate on images; its own data: score); None: none
+    cherry_pick_callback:str = "CherryPickCallback"  # its cherry-pick callback: a class of `alignlab.trainers`, or a dotted path (RAG: generate with retrieval; multimodal: with the images)
     whole_trainer_settings:bool = False  # its `trainer_settings` class reads the section whole, `loss_settings` included (DPO, KTO); else `loss_settings` is lifted out (classification)
     check:Optional[Callable] = None  # (experiment settings) -> None: a one-line `SettingsError` for what the recipe cannot run, before anything loads
     load:Optional[Callable] = None  # (experiment settings) -> (model, tokenizer), instead of `load_model` (RAG: generator + question encoder; multimodal: the VLM around the LM)
@@ -195,7 +195,8 @@ RECIPES = (
            cherry_pick_callback="alignlab.rag_training.RAGCherryPickCallback", inference_what="online RAG: retrieve for each chat record (question encoder + "
            "faiss index), generate, write each answer with its document ids and scores"),
     Recipe("multimodal", "multimodal", "MultimodalDataset", "causal", "a vision-language model (frozen encoder, projector, causal LM) on multimodal data",
-           "alignlab.vlm.VLMTrainer", collator=_multimodal_collator, check=_check_multimodal, load=_load_vlm,
+           "alignlab.vlm.VLMTrainer", collator=_multimodal_collator, check=_check_multimodal, load=_load_vlm, cherry_picks="multimodal",
+           cherry_pick_callback="alignlab.vlm_cherry_picks.MultimodalCherryPickCallback",
            inference="multimodal", inference_dataset_type="multimodal", inference_what="generate answers about images for a multimodal dataset"),
 )
 

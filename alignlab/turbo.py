@@ -65,6 +65,7 @@ TAKEN_BY = {
     "PreTrainedMultiModalModel": "vlm_inference.PreTrainedMultiModalModel",
     "MultimodalSingleModelInferenceSettings": "vlm_inference.MultimodalModelInferenceSettings",
     "MultimodalInferenceExperimentSettings": "vlm_inference.MultimodalInferenceSettings",
+    "MultimodalCherryPickSettings": "multimodal_settings.MultimodalCherryPickSettings",  # 18i: generations on held-out images
 }
 
 # %% ../nbs/16_turbo.ipynb #c2838ff8
@@ -73,7 +74,6 @@ _OUT = "an output record, not a setting: inference writes it (06b_inference)"
 # turbo classes no alignlab settings class reads, and why (the loader's error for their keys says the same)
 NOT_TAKEN = {
     **{c: _PREF for c in "DDPOTrainExperimentSettings DDPODatasetSettings".split()},
-    "MultimodalCherryPickSettings": "not built yet: multimodal cherry-picks (generations on held-out images into the review store)",
     **{c: _OUT for c in ("BaseInferenceOutput AnswerMessage ChatInferenceOutput ClassificationInferenceOutput RMPairInferenceOutput "
                          "RMSamplingInferenceOutput RagInferenceOutput MultimodalInferenceOutput ElementWiseScores MetricResults").split()},
     "LigerKernelSettings": "refused: Liger kernels are Triton GPU kernels; nothing to patch on a CPU (model_settings.liger_kernels_settings)",

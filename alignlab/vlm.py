@@ -149,8 +149,11 @@ def check_multimodal(s, # the `ExperimentSettings` (multimodal data)
     es = _image(s.modality_encoder_settings_mapping, "modality_encoder_settings_mapping")
     proj = projector_name(_image(s.modality_projector_mapping, "modality_projector_mapping"))
     if s.modality_projector_initialization_mapping is None: raise SettingsError("modality_projector_initialization_mapping: missing; expected {\"image\": null} or a weights file")
-    for name, ds in (("train_dataset_settings", s.train_dataset_settings), ("val_dataset_settings", s.val_dataset_settings)):
+    cp = s.cherry_pick_settings.dataset_settings if s.cherry_pick_settings is not None else None  # multimodal (run checks the kind first)
+    for name, ds in (("train_dataset_settings", s.train_dataset_settings), ("val_dataset_settings", s.val_dataset_settings), ("cherry_pick_settings.dataset_settings", cp)):
         if ds is None: continue
+        if ds.new_tokens != s.train_dataset_settings.new_tokens:
+            raise SettingsError(f"{name}: modality tokens {ds.new_tokens}, but the training data's are {s.train_dataset_settings.new_tokens}; expected the same (the model learns those)")
         pickle = ds.reader.reader_type == "pickle"
         if pickle != es.is_pickle:
             raise SettingsError(f"modality_encoder_settings_mapping.image.is_pickle: {es.is_pickle}, but {name}'s reader is {ds.reader.reader_type!r}; "
