@@ -72,7 +72,9 @@ def test_ratings_train_dpo_and_kto_as_is(runs, tmp_path):
     from alignlab.datasets import build_dataset
     from alignlab.review_app import ReviewApp
     app = ReviewApp(runs, ratings_dir=tmp_path / "ratings", reviewer="ana")
-    app.w_a.value, app.w_b.value, app.w_disagree.value = "lr-3e-3 @ 0", "lr-3e-3 @ 6", True
+    # the base (step 0) against the collapsed run's last step: they disagree on every prompt on any CPU (within the lr-3e-3 run,
+    # steps 0 and 6 disagreed on 8 of 8 prompts natively but on 1 of 8 under SSE kernels: 6 steps are a knife's edge)
+    app.w_a.value, app.w_b.value, app.w_disagree.value = "lr-3e-3 @ 0", "lr-2e-2 @ 6", True
     n = len(app.keys)
     assert n >= 4
     for i in range(n): app.rate_pair("ab"[i % 2])
