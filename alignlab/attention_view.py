@@ -14,7 +14,7 @@ from .templates import LLAMA3, ChatTemplate, IGNORE_INDEX, encode, sample_html
 from .inspect.tokens import DOC_SEP, doc_spans
 from .rag_records import split_rag_prompt
 from .data import DataError
-from .widgets import panel_extension
+from .widgets import panel_extension, js_states
 
 # %% ../nbs/17d_attention_view.ipynb #50fa7a37
 def rag_parts(record:dict, # a doc_sep chat record (`rag_records.rag_record`): the last turn is the gold answer
@@ -186,12 +186,21 @@ def cost_line(report:dict, # `attention_report`'s result
             f"the attention weights it returned hold {c['attention_bytes'] / 1024:,.0f} KiB (layers × heads × tokens² floats)")
 
 # %% ../nbs/17d_attention_view.ipynb #73157be3
+def _static_states(r, w_layer, w_head, w_doc, grid, heat, max_states):
+    "The heatmaps of every (layer, head) and grids of every (document, layer, head), switched in the browser (`widgets.js_states`)."
+    lh = [(l, h) for l in w_layer.options for h in w_head.options]
+    if len(lh) * (1 + len(w_doc.options)) > max_states: return
+    js_states({"layer": w_layer, "head": w_head}, {"heat": heat}, {f"{l}|{h}": {"heat": tokens_heatmap_html(r, l, h)} for l, h in lh})
+    js_states({"doc": w_doc, "layer": w_layer, "head": w_head}, {"grid": grid},
+              {f"{d}|{l}|{h}": {"grid": head_grid_html(r, d, l, h)} for d in w_doc.options.values() for l, h in lh})
+
 def attention_view(record:dict, # a doc_sep chat record ending with the gold answer
                    model, # a causal LM (any attention implementation: eager is switched on for one forward)
                    tokenizer, # its tokenizer, with the doc_sep token
                    template:ChatTemplate=LLAMA3, # the prompt template
                    doc_sep:str=DOC_SEP, # the separator token
                    report:dict=None, # an `attention_report` already computed; None: compute it
+                   max_states:int=1000, # precompute the heatmaps for the browser (a static page reacts) up to this many states; 0: never
                   ):
     "A Panel layout: the documents as spans, the attention on each document per layer × head and per answer token, retrieval utility."
     pn = panel_extension()  # JS inline: renders in Jupyter offline
@@ -203,6 +212,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
     w_doc = pn.widgets.Select(name="document (grid)", options={**{f"doc {d + 1}": d for d in range(D)}, "all documents": -1}, value=0, width=160)
     grid = pn.pane.HTML(pn.bind(lambda d, l, h: head_grid_html(r, d, l, h), w_doc, w_layer, w_head))
     heat = pn.pane.HTML(pn.bind(tokens_heatmap_html, r, w_layer, w_head), sizing_mode="stretch_width")
+    _static_states(r, w_layer, w_head, w_doc, grid, heat, max_states)
     return pn.Column(pn.pane.Markdown(f"### Attention over documents: record {r['id']}"),
                      pn.pane.HTML(sample_html(r["sample"], groups=groups), sizing_mode="stretch_width"),
                      pn.Row(w_layer, w_head, w_doc), pn.Row(grid, pn.pane.HTML(utility_html(r))), heat,
