@@ -114,7 +114,7 @@ class ExperimentSettings(MultimodalKeys):
 
     def to_json(self) -> dict:
         "The guide's JSON (defaults left out; `loss_settings` back inside `trainer_settings`)."
-        d = self.model_dump(mode="json", exclude_unset=True, by_alias=False)
+        d = self.model_dump(mode="json", exclude_unset=True, by_alias=False, serialize_as_any=True)  # subclasses (multimodal datasets) keep their fields
         for k in ("log_path", "seed"): d[k] = getattr(self, k)
         if "loss_settings" in d: d.setdefault("trainer_settings", {})["loss_settings"] = d.pop("loss_settings")
         return d

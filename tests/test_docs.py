@@ -153,7 +153,7 @@ DOC_WIDGETS = [
      lambda f: _other_option(f, lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer")),  # the layer: the first select
      lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer"),
      marks=pytest.mark.xfail(strict=True, reason="not done: the page embeds the view (data-embed=embedded) but no layer pick changes the heatmap: Panel's embed did not record the pn.bind states")),
-    pytest.param("18d_patch_view.ipynb", 1, lambda f: f.locator(".patch-detail").first,
+    pytest.param("18h_patch_view.ipynb", 1, lambda f: f.locator(".patch-detail").first,
      lambda f: _other_option(f, lambda f: f.locator(".patch-detail").first.get_attribute("data-output")),  # the embedding picker
      lambda f: f.locator(".patch-detail").first.get_attribute("data-output"),
      marks=pytest.mark.xfail(strict=True, reason="not done: the page embeds the view (data-embed=embedded) but no embedding pick changes the detail panel: Panel's embed did not record the watcher's states")),
