@@ -373,7 +373,8 @@ def _views(r, sample, msg, ok, tokenizer, placeholder, record, max_states):
     if r.n <= max_states:  # a static page (the docs) reacts too: the detail of each embedding, its patches, its cell
         js_states({"pick": pick}, {"detail": detail}, {str(j): {"detail": detail_html(r, j)} for j in range(r.n)},
                   code="const j = Number(key); const a = patches.data.alpha.map((_, q) => FED[j].includes(q) ? 1 : 0);\n"
-                       "patches.data = Object.assign({}, patches.data, {alpha: a}); cells.selected.indices = [j];",
+                       "patches.data = Object.assign({}, patches.data, {alpha: a});\n"
+                       "if (String(cells.selected.indices) !== String(j)) cells.selected.indices = [j];",  # no echo of a pick the server made
                   args=dict(patches=patches, cells=cells, FED=[r.fed_by(j) for j in range(r.n)]))
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
     mask = pn.pane.HTML(loss_mask_html(sample, tokenizer, placeholder, title=f"record {rid}: loss mask")
@@ -460,9 +461,6 @@ def _run_view(run_dir, record, image):
     import panel as pn
     vlm, tok, st, template, recs = pn.state.as_cached(f"alignlab-patches-{Path(run_dir).resolve()}", load_patch_run, run_dir=str(run_dir))
     rec = recs[_record_index(recs, record, run_dir)]
-    if image is not None and not Path(image).is_file():
-        from alignlab.data import DataError
-        raise DataError(f"image: {str(image)!r} is not a file; expected an image file (PNG, JPEG, ...)")
     return patch_view(vlm, tok, image=image, record=rec, settings=st, template=template)
 
 def patch_app(run_dir, # a `train_multimodal` run directory (`load_patch_run`)
@@ -475,6 +473,9 @@ def patch_app(run_dir, # a `train_multimodal` run directory (`load_patch_run`)
     from alignlab.settings import SettingsError
     if not (Path(run_dir)/"experiment.json").exists():  # the one-line error before anything loads
         raise SettingsError(f"{run_dir}: no experiment.json there; expected a run directory that train_multimodal wrote")
+    if image is not None and not Path(image).is_file():
+        from alignlab.data import DataError
+        raise DataError(f"image: {str(image)!r} is not a file; expected an image file (PNG, JPEG, ...)")
     served = getattr(pn.state.curdoc, "session_context", None) is not None
     if not (served if defer is None else defer): return _run_view(run_dir, record, image)
     box = pn.Column(pn.pane.Markdown(f"loading {run_dir}, record {record} ..."), sizing_mode="stretch_width")
