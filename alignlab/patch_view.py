@@ -5,8 +5,7 @@
 # %% auto #0
 __all__ = ['IMAGE_TOKENS', 'zoo_mm_settings', 'demo_vlm', 'lens_parts', 'logit_lens', 'nearest_embeddings', 'influence',
            'PatchReading', 'read_patches', 'count_check', 'record_sample', 'image_blocks', 'fold_blocks',
-           'loss_mask_html', 'patch_figure', 'detail_html', 'record_image', 'patch_view', 'load_patch_run', 'demo_view',
-           'patch_app']
+           'loss_mask_html', 'patch_figure', 'detail_html', 'patch_view', 'load_patch_run', 'demo_view', 'patch_app']
 
 # %% ../nbs/18h_patch_view.ipynb #d0ff629d
 import html, math
@@ -254,7 +253,7 @@ def patch_figure(r:PatchReading, # the reading to draw
                  size:int=380, # the plot's width and height in pixels
                 ):
     "`(figure, heatmap renderer, cell source, patch source)`: the image, the norm heatmap over the output cells, the patch grid; tap selects a cell."
-    from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper, TapTool
+    from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, TapTool
     from bokeh.plotting import figure
     hgt, wid = r.image.shape[:2]
     rgba = np.ascontiguousarray(np.dstack([r.image, np.full(r.image.shape[:2], 255, np.uint8)])).view(np.uint32)[..., 0]
@@ -276,14 +275,8 @@ def patch_figure(r:PatchReading, # the reading to draw
                  ys=[[0, hgt]] * (g + 1) + [[i * step] * 2 for i in range(g + 1)], line_color="white", line_alpha=0.8, line_width=0.5)
     p.add_tools(TapTool(renderers=[q]), HoverTool(renderers=[q], tooltips=[("embedding", "@j"), ("norm", "@norm{0.000}"),
                                                                           ("logit lens", "@lens (@lens_p{0.000})"), ("nearest input", "@near")]))
-    p.add_layout(_cmap_bar(cmap), "right")
+    p.add_layout(ColorBar(color_mapper=cmap, title="output norm", width=10), "right")
     return p, q, cells, patches
-
-def _cmap_bar(cmap, # the colour mapper of the heatmap
-            ):
-    "A colour bar titled 'output norm'."
-    from bokeh.models import ColorBar
-    return ColorBar(color_mapper=cmap, title="output norm", width=10)
 
 # %% ../nbs/18h_patch_view.ipynb #8eca0fdf
 def _stats(x:torch.Tensor) -> str:
@@ -330,19 +323,6 @@ def _display(image, inputs, reader, vlm):
     if proc is not None: return inputs, None, proc.image_mean, proc.image_std
     from alignlab.images import open_image
     return inputs, np.asarray(open_image(image).convert("RGB")), None, None
-
-def record_image(record:dict, # a multimodal record
-                 root=None, # the folder its image paths are relative to (the records file's); None: the working directory
-                 index:int=0, # which of its image messages
-                ) -> Path:
-    "The path of the record's `index`-th image: relative to `root`, else as given (turbo-alignment's repository-relative paths)."
-    imgs = [m["content"] for m in record.get("messages", []) if m.get("type") == "image"]
-    rid = record.get("id", "?")
-    if index >= len(imgs):
-        raise ValueError(f"record {rid}: messages: {len(imgs)} image message(s), no image {index}; expected a message with type 'image'")
-    for p in ([Path(root)/imgs[index]] if root is not None else []) + [Path(imgs[index])]:
-        if p.exists(): return p
-    raise FileNotFoundError(f"record {rid}: image {imgs[index]!r} not found" + (f" in {root}" if root is not None else "") + " nor from the working directory")
 
 def _record_sample(record, tokenizer, settings, n, template):
     if record is None: return None
@@ -391,14 +371,15 @@ def patch_view(vlm, # an `alignlab.vlm.VisionLanguageModel` (in memory, or `load
                settings=None, # the `MultimodalDatasetSettings` (reader, tokens, `n_modality_embeddings`); None: a clip reader, the VLM's n
                template:ChatTemplate=LLAMA3, # the prompt template a raw record is tokenized with
                k:int=5, # tokens per reading
-               root=None, # where `image` is None: the folder the record's image paths are relative to
                image_index:int=0, # where `image` is None: which of the record's images
                max_states:int=400, # precompute the detail panel for a static page up to this many embeddings; 0: never
               ):
     "A Panel layout: the image with its patch grid and output-norm heatmap, click an embedding for its readings, the count check, the loss mask."
     if image is None:
-        paths = record.get("image_paths") if isinstance(record, dict) else None
-        image = Path(paths[image_index]) if paths and root is None else record_image(record, root, image_index)
+        paths = record.get("image_paths", []) if isinstance(record, dict) else []
+        if image_index >= len(paths): raise ValueError(f"record {record.get('id', '?') if isinstance(record, dict) else '?'}: image_paths: "
+                                                       f"{len(paths)} image(s), no image {image_index}; expected a record `read_records` checked, or `image`")
+        image = Path(paths[image_index])
     reader = None if isinstance(image, torch.Tensor) else _reader(vlm, settings)
     inputs = image if reader is None else reader.read([image], [f"record {record.get('id', '?') if isinstance(record, dict) else '?'}"])
     inputs, display, mean, std = _display(image, inputs, reader, vlm)
@@ -439,13 +420,11 @@ def demo_view(projector:str="c_abs", # "llava" or "c_abs"
               seed:int=0, # the projector's init seed
              ):
     "The patch view of `demo_vlm` and one of the zoo's `multimodal` validation records (for `panel serve`, the docs and the tests)."
-    import json
-    from alignlab import zoo
+    from alignlab.data import read_records
     vlm, tok, st = demo_vlm(projector, seed=seed)
     if n_modality_embeddings is not None: st = zoo_mm_settings(n_modality_embeddings)
-    d = zoo.get("multimodal")
-    rec = json.loads((d/"val.jsonl").read_text().splitlines()[record])
-    return patch_view(vlm, tok, record=rec, settings=st, root=d)
+    rec = list(read_records(st, name="val"))[record]  # checked: its image found, in `image_paths`
+    return patch_view(vlm, tok, record=rec, settings=st)
 
 # %% ../nbs/18h_patch_view.ipynb #2dd45624
 def _record_index(recs, record, where):
