@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['rag_parts', 'with_docs', 'answer_ce', 'retrieval_utility', 'eager_attention', 'attention_mass', 'attention_report',
            'head_grid_html', 'tokens_heatmap_html', 'utility_html', 'cost_line', 'attention_view', 'load_run',
-           'attention_app']
+           'pick_record', 'attention_app']
 
 # %% ../nbs/17d_attention_view.ipynb #9590446b
 import contextlib, html, json, time
@@ -236,16 +236,23 @@ def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.j
     ds = s.val_dataset_settings or s.train_dataset_settings
     return model.eval(), tok, ds.prompt_template.template, list(read_records(ds, name="val" if s.val_dataset_settings else "train"))
 
+def pick_record(recs:list, # the records
+                record, # an index (int or digits) or a record id
+                where, # the file or run named in the error
+               ) -> int:
+    "The index of `record` in `recs`: by id, or as an index; a one-line `DataError` naming the ids or the range otherwise."
+    ids = [str(r.get("id")) for r in recs]
+    if isinstance(record, str) and not record.isdigit():
+        if record not in ids: raise DataError(f"{where}: record: {record!r} is no record id; expected one of {', '.join(ids[:5])}, ... or an index")
+        return ids.index(record)
+    if not 0 <= int(record) < len(recs): raise DataError(f"{where}: record: {record} given; expected an index from 0 to {len(recs) - 1}")
+    return int(record)
+
 def _run_view(run_dir, record, records, doc_sep):
     import panel as pn
     model, tok, template, recs = pn.state.as_cached(f"alignlab-attention-{Path(run_dir).resolve()}", load_run, run_dir=str(run_dir))
     if records is not None: recs = [json.loads(l) for l in Path(records).read_text().splitlines() if l.strip()]
-    ids = [str(r.get("id")) for r in recs]
-    if isinstance(record, str) and not record.isdigit():
-        if record not in ids: raise DataError(f"{records or run_dir}: record: {record!r} is no record id; expected one of {', '.join(ids[:5])}, ... or an index")
-        record = ids.index(record)
-    if not 0 <= int(record) < len(recs): raise DataError(f"{records or run_dir}: record: {record} given; expected an index from 0 to {len(recs) - 1}")
-    return attention_view(recs[int(record)], model, tok, template, doc_sep)
+    return attention_view(recs[pick_record(recs, record, records or run_dir)], model, tok, template, doc_sep)
 
 def attention_app(run_dir, # a run directory (`load_run`)
                   record=0, # the record: an index into the run's val (else train) records, or a record id

@@ -427,19 +427,11 @@ def demo_view(projector:str="c_abs", # "llava" or "c_abs"
     return patch_view(vlm, tok, record=rec, settings=st)
 
 # %% ../nbs/18h_patch_view.ipynb #2dd45624
-def _record_index(recs, record, where):
-    from alignlab.data import DataError
-    ids = [str(r.get("id")) for r in recs]
-    if isinstance(record, str) and not record.isdigit():
-        if record not in ids: raise DataError(f"{where}: record: {record!r} is no record id; expected one of {', '.join(ids[:5])}, ... or an index")
-        return ids.index(record)
-    if not 0 <= int(record) < len(recs): raise DataError(f"{where}: record: {record} given; expected an index from 0 to {len(recs) - 1}")
-    return int(record)
-
 def _run_view(run_dir, record, image):
     import panel as pn
     vlm, tok, st, template, recs = pn.state.as_cached(f"alignlab-patches-{Path(run_dir).resolve()}", load_patch_run, run_dir=str(run_dir))
-    rec = recs[_record_index(recs, record, run_dir)]
+    from alignlab.attention_view import pick_record  # the same record pick as `alignlab attention`
+    rec = recs[pick_record(recs, record, run_dir)]
     return patch_view(vlm, tok, image=image, record=rec, settings=st, template=template)
 
 def patch_app(run_dir, # a `train_multimodal` run directory (`load_patch_run`)
