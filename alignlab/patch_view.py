@@ -356,6 +356,8 @@ def _views(r, sample, msg, ok, tokenizer, placeholder, record, max_states):
                        "patches.data = Object.assign({}, patches.data, {alpha: a});\n"
                        "if (String(cells.selected.indices) !== String(j)) cells.selected.indices = [j];",  # no echo of a pick the server made
                   args=dict(patches=patches, cells=cells, FED=[r.fed_by(j) for j in range(r.n)]))
+        from panel.links import Callback  # a tap on a cell picks its embedding in the browser too (the box's callback does the rest)
+        Callback(cells.selected, code={"indices": "const j = cb_obj.indices[0]; if (j !== undefined && String(pick.value) !== String(j)) pick.value = String(j);"}, args={"pick": pick})
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
     mask = pn.pane.HTML(loss_mask_html(sample, tokenizer, placeholder, title=f"record {rid}: loss mask")
                         if sample is not None else "<i>no record given</i>", sizing_mode="stretch_width")
@@ -364,6 +366,7 @@ def _views(r, sample, msg, ok, tokenizer, placeholder, record, max_states):
     check = pn.pane.Alert(msg, alert_type="success" if ok else "danger", css_classes=["count-check"])
     return pn.Column(head, check, pn.Row(pn.Column(pn.pane.Bokeh(fig), pick, opacity), detail), mask, sizing_mode="stretch_width")
 
+# %% ../nbs/18h_patch_view.ipynb #ed408757
 def patch_view(vlm, # an `alignlab.vlm.VisionLanguageModel` (in memory, or `load_patch_run`'s)
                tokenizer, # its tokenizer (with the image tokens)
                image=None, # an image path, or the model's input for one image (pixel values `[1,3,h,w]`); None: the record's image

@@ -59,6 +59,23 @@ def test_wrong_n_modality_embeddings_is_shown_with_the_correct_value():
     assert "image block 0 has 9 placeholders" in check.object  # the record as a dataset with the setting 9 tokenizes it
 
 
+def test_static_page_a_tap_and_a_pick_change_the_detail(page, tmp_path):
+    """The view saved as the docs save it (a static page, no kernel): a tap on a cell and a pick in the box still change the
+    detail panel (precomputed states switched in the browser: widgets.js_states)."""
+    from playwright.sync_api import expect
+    from alignlab.docs_exec import save_widget
+    from alignlab.patch_view import demo_view
+    out = tmp_path / "patch.html"
+    save_widget(demo_view("c_abs"), out)
+    page.goto(out.as_uri())
+    detail = page.locator(".patch-detail").first
+    expect(detail).to_have_attribute("data-output", "0", timeout=60000)
+    _click_cell(page, detail, 1, 1)
+    assert "embedding 3 of 4" in detail.inner_text()
+    page.locator("select").first.select_option(index=1)
+    expect(detail).to_have_attribute("data-output", "1", timeout=10000)
+
+
 @pytest.fixture(scope="module")
 def mm_run(tmp_path_factory):
     """A real `train_multimodal` run (LoRA on tiny Llama, tiny CLIP, c_abs with 4 embeddings): 3 steps, enough to move the
