@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .templates import IGNORE_INDEX, LLAMA3, ChatTemplate, Sample, _visible, encode, sample_html
-from .widgets import js_states, panel_extension
+from .widgets import STATIC_FLAG, js_states, panel_extension
 
 # %% ../nbs/18h_patch_view.ipynb #1f88ac57
 IMAGE_TOKENS = ("<MS>", "<img>", "</MS>")  # the guide's default start token, placeholder and end token
@@ -357,7 +357,7 @@ def _views(r, sample, msg, ok, tokenizer, placeholder, record, max_states):
                        "if (String(cells.selected.indices) !== String(j)) cells.selected.indices = [j];",  # no echo of a pick the server made
                   args=dict(patches=patches, cells=cells, FED=[r.fed_by(j) for j in range(r.n)]))
         from panel.links import Callback  # a tap on a cell picks its embedding in the browser too (the box's callback does the rest)
-        Callback(cells.selected, code={"indices": "const j = cb_obj.indices[0]; if (j !== undefined && String(pick.value) !== String(j)) pick.value = String(j);"}, args={"pick": pick})
+        Callback(cells.selected, code={"indices": f"const j = cb_obj.indices[0]; if (window.{STATIC_FLAG} && j !== undefined && String(pick.value) !== String(j)) pick.value = String(j);"}, args={"pick": pick})
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
     mask = pn.pane.HTML(loss_mask_html(sample, tokenizer, placeholder, title=f"record {rid}: loss mask")
                         if sample is not None else "<i>no record given</i>", sizing_mode="stretch_width")
