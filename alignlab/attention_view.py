@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['rag_parts', 'with_docs', 'answer_ce', 'retrieval_utility', 'eager_attention', 'attention_mass', 'attention_report',
            'head_grid_html', 'tokens_heatmap_html', 'utility_html', 'cost_line', 'attention_view', 'load_run',
-           'attention_app']
+           'pick_record', 'attention_app']
 
 # %% ../nbs/17d_attention_view.ipynb #9590446b
 import contextlib, html, json, time
@@ -14,7 +14,7 @@ from .templates import LLAMA3, ChatTemplate, IGNORE_INDEX, encode, sample_html
 from .inspect.tokens import DOC_SEP, doc_spans
 from .rag_records import split_rag_prompt
 from .data import DataError
-from .widgets import panel_extension
+from .widgets import panel_extension, js_states
 
 # %% ../nbs/17d_attention_view.ipynb #50fa7a37
 def rag_parts(record:dict, # a doc_sep chat record (`rag_records.rag_record`): the last turn is the gold answer
@@ -186,12 +186,21 @@ def cost_line(report:dict, # `attention_report`'s result
             f"the attention weights it returned hold {c['attention_bytes'] / 1024:,.0f} KiB (layers × heads × tokens² floats)")
 
 # %% ../nbs/17d_attention_view.ipynb #73157be3
+def _static_states(r, w_layer, w_head, w_doc, grid, heat, max_states):
+    "The heatmaps of every (layer, head) and grids of every (document, layer, head), switched in the browser (`widgets.js_states`)."
+    lh = [(l, h) for l in w_layer.options for h in w_head.options]
+    if len(lh) * (1 + len(w_doc.options)) > max_states: return
+    js_states({"layer": w_layer, "head": w_head}, {"heat": heat}, {f"{l}|{h}": {"heat": tokens_heatmap_html(r, l, h)} for l, h in lh})
+    js_states({"doc": w_doc, "layer": w_layer, "head": w_head}, {"grid": grid},
+              {f"{d}|{l}|{h}": {"grid": head_grid_html(r, d, l, h)} for d in w_doc.options.values() for l, h in lh})
+
 def attention_view(record:dict, # a doc_sep chat record ending with the gold answer
                    model, # a causal LM (any attention implementation: eager is switched on for one forward)
                    tokenizer, # its tokenizer, with the doc_sep token
                    template:ChatTemplate=LLAMA3, # the prompt template
                    doc_sep:str=DOC_SEP, # the separator token
                    report:dict=None, # an `attention_report` already computed; None: compute it
+                   max_states:int=1000, # precompute the heatmaps for the browser (a static page reacts) up to this many states; 0: never
                   ):
     "A Panel layout: the documents as spans, the attention on each document per layer × head and per answer token, retrieval utility."
     pn = panel_extension()  # JS inline: renders in Jupyter offline
@@ -203,6 +212,7 @@ def attention_view(record:dict, # a doc_sep chat record ending with the gold ans
     w_doc = pn.widgets.Select(name="document (grid)", options={**{f"doc {d + 1}": d for d in range(D)}, "all documents": -1}, value=0, width=160)
     grid = pn.pane.HTML(pn.bind(lambda d, l, h: head_grid_html(r, d, l, h), w_doc, w_layer, w_head))
     heat = pn.pane.HTML(pn.bind(tokens_heatmap_html, r, w_layer, w_head), sizing_mode="stretch_width")
+    _static_states(r, w_layer, w_head, w_doc, grid, heat, max_states)
     return pn.Column(pn.pane.Markdown(f"### Attention over documents: record {r['id']}"),
                      pn.pane.HTML(sample_html(r["sample"], groups=groups), sizing_mode="stretch_width"),
                      pn.Row(w_layer, w_head, w_doc), pn.Row(grid, pn.pane.HTML(utility_html(r))), heat,
@@ -226,16 +236,23 @@ def load_run(run_dir, # a run directory `alignlab.run.train` wrote (experiment.j
     ds = s.val_dataset_settings or s.train_dataset_settings
     return model.eval(), tok, ds.prompt_template.template, list(read_records(ds, name="val" if s.val_dataset_settings else "train"))
 
+def pick_record(recs:list, # the records
+                record, # an index (int or digits) or a record id
+                where, # the file or run named in the error
+               ) -> int:
+    "The index of `record` in `recs`: by id, or as an index; a one-line `DataError` naming the ids or the range otherwise."
+    ids = [str(r.get("id")) for r in recs]
+    if isinstance(record, str) and not record.isdigit():
+        if record not in ids: raise DataError(f"{where}: record: {record!r} is no record id; expected one of {', '.join(ids[:5])}, ... or an index")
+        return ids.index(record)
+    if not 0 <= int(record) < len(recs): raise DataError(f"{where}: record: {record} given; expected an index from 0 to {len(recs) - 1}")
+    return int(record)
+
 def _run_view(run_dir, record, records, doc_sep):
     import panel as pn
     model, tok, template, recs = pn.state.as_cached(f"alignlab-attention-{Path(run_dir).resolve()}", load_run, run_dir=str(run_dir))
     if records is not None: recs = [json.loads(l) for l in Path(records).read_text().splitlines() if l.strip()]
-    ids = [str(r.get("id")) for r in recs]
-    if isinstance(record, str) and not record.isdigit():
-        if record not in ids: raise DataError(f"{records or run_dir}: record: {record!r} is no record id; expected one of {', '.join(ids[:5])}, ... or an index")
-        record = ids.index(record)
-    if not 0 <= int(record) < len(recs): raise DataError(f"{records or run_dir}: record: {record} given; expected an index from 0 to {len(recs) - 1}")
-    return attention_view(recs[int(record)], model, tok, template, doc_sep)
+    return attention_view(recs[pick_record(recs, record, records or run_dir)], model, tok, template, doc_sep)
 
 def attention_app(run_dir, # a run directory (`load_run`)
                   record=0, # the record: an index into the run's val (else train) records, or a record id

@@ -113,8 +113,24 @@ def _attention_command(sub):
     v.add_argument("--port", type=int, default=5006); v.add_argument("--address", default="127.0.0.1")
     v.set_defaults(func=_attention)
 
+def _patches(a):
+    import panel as pn
+    from alignlab.patch_view import patch_app
+    patch_app(a.run_dir, image=a.image, record=a.record, defer=False)  # bad input: one line before serving; the run is cached
+    print(f"patch view of {a.image or 'record ' + a.record} of {a.run_dir}: http://{a.address}:{a.port}/", flush=True)
+    pn.serve(lambda: patch_app(a.run_dir, image=a.image, record=a.record), address=a.address, port=a.port, show=False,
+             title="alignlab patches", websocket_origin=[f"{a.address}:{a.port}"])
+
+def _patches_command(sub):
+    v = sub.add_parser("patches", help="serve the patch-projection view (Panel) of a train_multimodal run: an image through its encoder and projector")
+    v.add_argument("run_dir", help="a run directory train_multimodal wrote (experiment.json, final/, final/projections)")
+    v.add_argument("image", nargs="?", default=None, help="an image file (default: the record's own image)")
+    v.add_argument("--record", default="0", help="an index into the run's val (else train) records, or a record id (its loss mask is shown)")
+    v.add_argument("--port", type=int, default=5006); v.add_argument("--address", default="127.0.0.1")
+    v.set_defaults(func=_patches)
+
 # commands that add their own subparser (`add(sub)`), defined beside their handlers: parser() stays one table, not one long function
-MORE_COMMANDS = [_add_review, _attention_command, _add_preprocess]
+MORE_COMMANDS = [_add_review, _attention_command, _add_preprocess, _patches_command]
 
 
 # %% ../nbs/14_cli.ipynb #4ac97e96

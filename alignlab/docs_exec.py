@@ -52,6 +52,13 @@ def save_widget(obj, # a Panel object
                 max_opts:int=2, # values embedded per widget (a slider or a select: this many of its values)
                ) -> str:
     "Save `obj` as a self-contained page (JS/CSS inline); returns how: 'embedded' (interactive) or 'snapshot'."
+    how = _save(obj, path, max_states, max_opts)
+    from alignlab.widgets import STATIC_FLAG  # the views' precomputed states (`widgets.js_states`) switch on this page
+    page = Path(path).read_text()
+    Path(path).write_text(page.replace("<head>", f"<head>\n<script>window.{STATIC_FLAG} = true;</script>", 1))
+    return how
+
+def _save(obj, path, max_states, max_opts):
     from bokeh.resources import INLINE
     from param.parameterized import logging_level
     try:

@@ -149,14 +149,12 @@ DOC_WIDGETS = [
     ("12_inspect_tokens.ipynb", 1, lambda f: f.locator(".summary").first,  # "80 tokens, 14 carry loss; ..."
      lambda f: f.get_by_role("checkbox").first.click(),         # only_answer_loss, the first checkbox
      lambda f: f.locator(".summary").first.inner_text()),
-    pytest.param("17d_attention_view.ipynb", 1, lambda f: f.locator(".tokens-heatmap").first,
+    ("17d_attention_view.ipynb", 1, lambda f: f.locator(".tokens-heatmap").first,
      lambda f: _other_option(f, lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer")),  # the layer: the first select
-     lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer"),
-     marks=pytest.mark.xfail(strict=True, reason="not done: the page embeds the view (data-embed=embedded) but no layer pick changes the heatmap: Panel's embed did not record the pn.bind states")),
-    pytest.param("18d_patch_view.ipynb", 1, lambda f: f.locator(".patch-detail").first,
+     lambda f: f.locator(".tokens-heatmap").first.get_attribute("data-layer")),  # switched in the browser: widgets.js_states
+    ("18h_patch_view.ipynb", 1, lambda f: f.locator(".patch-detail").first,
      lambda f: _other_option(f, lambda f: f.locator(".patch-detail").first.get_attribute("data-output")),  # the embedding picker
-     lambda f: f.locator(".patch-detail").first.get_attribute("data-output"),
-     marks=pytest.mark.xfail(strict=True, reason="not done: the page embeds the view (data-embed=embedded) but no embedding pick changes the detail panel: Panel's embed did not record the watcher's states")),
+     lambda f: f.locator(".patch-detail").first.get_attribute("data-output")),  # switched in the browser: widgets.js_states
     pytest.param("19b_review_app.ipynb", 2, lambda f: f.locator("details.rv-item").first,  # the export (widget 1 is the app itself)
      lambda f: f.locator("details.rv-item summary").first.click(),  # open the first prompt's answers
      lambda f: str(f.locator("details.rv-item").first.evaluate("d => d.open"))),  # shown since the cell building it no longer mixes an import with code (nbdev's docs step ran it with the import)

@@ -86,7 +86,7 @@ WIDGETS = [
     ),
     Widget(
         name="patch view",
-        notebook="nbs/18d_patch_view.ipynb",
+        notebook="nbs/18h_patch_view.ipynb",
         build="from alignlab.patch_view import demo_view\nv = demo_view('c_abs')\nv",
         ready="embedding 0 of 4",
         interact=lambda out: _click_patch(out, 1, 1),  # bottom right of the 2x2 output grid: embedding 3
