@@ -174,7 +174,7 @@ def score_rag(pipe:RAGPipeline, # a loaded RAG model
                 examples=[(o["messages"][-1]["content"], o["answers"][0]["content"], b["answers"][0]["content"], gold[o["id"]])
                           for o, b in list(zip(with_r, bare))[:4]])
 
-# %% ../nbs/17b_rag_inference.ipynb #b907589a
+# %% ../nbs/17b_rag_inference.ipynb #dd7f1697
 def _repeats(g, n:int, L:int, vocab:int):
     "`n` rows of `L` random token ids (from id 10 on: no special tokens) followed by the same `L` ids again."
     import torch
