@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RAGModelInferenceSettings', 'RAGInferenceSettings', 'records_with_documents', 'RAGPipeline', 'run_rag_inference',
-           'rag_finetune_demo', 'score_rag']
+           'rag_finetune_demo', 'score_rag', 'copy_nll']
 
 # %% ../nbs/17b_rag_inference.ipynb #e6ee8966
 import json
@@ -122,9 +122,9 @@ def run_rag_inference(settings, # `inference_rag`'s JSON: a dict, a path or a `R
 
 # %% ../nbs/17b_rag_inference.ipynb #a00e7221
 def rag_finetune_demo(run_dir, # where the SFT run and the built records go
-                      steps:int=300, # SFT steps (batch 16)
-                      lr:float=1e-3, # full fine-tune learning rate
-                      n_docs:int=2, # documents per question, in training and at inference
+                      steps:int=120, # SFT steps (batch 16)
+                      lr:float=3e-3, # full fine-tune learning rate
+                      n_docs:int=1, # documents per question, in training and at inference
                       encoder:str="all-MiniLM-L6-v2", # the question encoder
                       seed:int=0, # the run's seed
                       log=print, # told about the steps
@@ -173,3 +173,24 @@ def score_rag(pipe:RAGPipeline, # a loaded RAG model
                 recall_at_n_docs=round(sum(pid[o["id"]] in o["doc_ids"] for o in with_r) / len(gold), 3), n_questions=len(gold),
                 examples=[(o["messages"][-1]["content"], o["answers"][0]["content"], b["answers"][0]["content"], gold[o["id"]])
                           for o, b in list(zip(with_r, bare))[:4]])
+
+# %% ../nbs/17b_rag_inference.ipynb #dd7f1697
+def _repeats(g, n:int, L:int, vocab:int):
+    "`n` rows of `L` random token ids (from id 10 on: no special tokens) followed by the same `L` ids again."
+    import torch
+    x = torch.randint(10, vocab, (n, L), generator=g)
+    return torch.cat([x, x], 1)
+
+def copy_nll(model, # a causal LM
+             n:int=16, # random sequences
+             L:int=30, # each one's length (it is then repeated)
+             seed:int=0, # draws the sequences
+            ) -> dict:
+    "Mean negative log-likelihood of the first and of the repeated half of random token sequences: a model that copies from its context finds the repeat easy."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = _repeats(g, n, L, model.config.vocab_size).to(next(model.parameters()).device)
+    with torch.no_grad(): lp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
+    return dict(first=round(nll[:, :L - 1].mean().item(), 2), repeat=round(nll[:, L:].mean().item(), 2))
+

@@ -6,7 +6,7 @@ Run: HF_HUB_OFFLINE=1 python bench/bench_rag.py [--sizes 1000,10000,100000] [--e
 max_length) and `faiss.Index.search` on the same vectors: the floor alignlab's wrapper (prefix, length checks, hit dicts) is measured
 against (target: alignlab <= 1.2x bare). Build = encoding every passage + adding it to the index (flat up to FLAT_MAX, HNSW above).
 Inference share: 32 questions retrieved (n_docs=2) and answered by the zoo's tiny Llama (greedy, 16 new tokens), timed apart.
-Timings are the best of 3 (one run for builds).
+Timings are the best of 5, alignlab and bare interleaved (one run for builds).
 """
 import argparse, json, os, random, sys, tempfile, time
 from pathlib import Path
@@ -35,6 +35,15 @@ def best(f, k=3):
     return min(ts)
 
 
+def interleaved(fs, k=5):
+    "The best of `k` timings of each of `fs`, run in turn (a, b, c, a, b, c, ...): timed one after the other, load drift shows as a difference."
+    ts = [[] for _ in fs]
+    for _ in range(k):
+        for f, t in zip(fs, ts):
+            t0 = time.perf_counter(); f(); t.append(time.perf_counter() - t0)
+    return [min(t) for t in ts]
+
+
 def bare_encode(enc, texts, bs):
     import torch
     out = []
@@ -61,10 +70,8 @@ def run(n, encoder, n_queries, gen):
     qs = [f"Where does {ps[rng.randrange(n)]['text'].split(' ')[0]} live?" for _ in range(n_queries)]
     bs = 64
     r = Retriever(enc, ix, RetrievalSettings(n_docs=5, retrieval_batch_size=bs))
-    t_al = best(lambda: r.retrieve(qs))
-    t_enc = best(lambda: bare_encode(enc, qs, bs))
     Q = bare_encode(enc, qs, bs)
-    t_search = best(lambda: ix.index.search(Q, 5))
+    t_al, t_enc, t_search = interleaved([lambda: r.retrieve(qs), lambda: bare_encode(enc, qs, bs), lambda: ix.index.search(Q, 5)])
     ours = [[h["row"] for h in x] for x in r.retrieve(qs[:16])]
     assert ours == ix.index.search(Q[:16], 5)[1].tolist(), "alignlab and bare faiss disagree"
     out = dict(passages=n, index=type(ix.index).__name__, dim=ix.dim, build_s=round(build, 2), queries=n_queries,
