@@ -195,11 +195,14 @@ def _generate_logs(cp, # the `CherryPicks`
     for name, ds in cp.datasets.items():
         prompts, recs, chats, labels = _cherry_prompts(ds)
         ans = generate(model, tok, prompts, st.generator_transformers_settings, st.custom_generation_settings,
-                       ids=[r["id"] for r in recs])
+                       ids=[r["id"] for r in recs], model_inputs=cp._model_inputs(ds))
         vals, avgs, skipped = compute_metrics(st.metric_settings, prompts, ans, labels, tok, model=model, chats=chats,
                                               ref_models=cp.ref_models, reward=cp.reward,
                                               batch_size=st.custom_generation_settings.batch)
-        append_records(cp.store_path, _review_records(step, name, recs, chats, labels, ans, vals, now))
+        out, fields = _review_records(step, name, recs, chats, labels, ans, vals, now), cp._record_fields(ds)
+        if fields is not None:  # `_review_records` writes one record per answer, prompt by prompt
+            out = [{**o, **f} for o, f in zip(out, [f for f, a in zip(fields, ans) for _ in a])]
+        append_records(cp.store_path, out)
         logs.update({f"cherry_pick/{name}/{k}": v for k, v in avgs.items()})
         for k, n in skipped.items(): cp.skipped[f"{name}/{k}"] += n
     return logs
@@ -262,6 +265,8 @@ class CherryPicks:
                  ) -> dict:
         "Generate on each dataset, score the answers, store them; the averages to log."
         return _generate_logs(self, model, step, now)
+    def _model_inputs(self, ds): return None  # per prompt, more inputs for `generate` (a subclass's: a VLM's images)
+    def _record_fields(self, ds): return None  # per prompt, more fields for its review records (a subclass's: image_paths)
 
     def _score(self, model, # the seq_cls model
                step:int, # the training step

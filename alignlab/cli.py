@@ -97,13 +97,21 @@ def _add_preprocess(sub):
 
 
 # %% ../nbs/14_cli.ipynb #a7e1c0d4
-def _attention(a):
+def _serve_view(make, # (defer=) -> the Panel app; its run is cached, so building it twice costs one load
+                what:str, # what is served, for the printed line
+                title:str, # the browser tab's title
+                a, # the parsed arguments (address, port)
+               ):
+    "Build the view once (bad input: one line before serving), print its URL, serve a fresh copy per session."
     import panel as pn
+    make(defer=False)
+    print(f"{what}: http://{a.address}:{a.port}/", flush=True)
+    pn.serve(lambda: make(), address=a.address, port=a.port, show=False, title=title, websocket_origin=[f"{a.address}:{a.port}"])
+
+def _attention(a):
     from alignlab.attention_view import attention_app
-    attention_app(a.run_dir, record=a.record, records=a.records, defer=False)  # bad input: one line before serving; the run is cached
-    print(f"attention view of record {a.record} of {a.run_dir}: http://{a.address}:{a.port}/", flush=True)
-    pn.serve(lambda: attention_app(a.run_dir, record=a.record, records=a.records), address=a.address, port=a.port, show=False,
-             title="alignlab attention", websocket_origin=[f"{a.address}:{a.port}"])
+    _serve_view(lambda **kw: attention_app(a.run_dir, record=a.record, records=a.records, **kw),
+                f"attention view of record {a.record} of {a.run_dir}", "alignlab attention", a)
 
 def _attention_command(sub):
     v = sub.add_parser("attention", help="serve the attention-over-documents view (Panel) of one doc_sep record for a trained run")
@@ -114,12 +122,9 @@ def _attention_command(sub):
     v.set_defaults(func=_attention)
 
 def _patches(a):
-    import panel as pn
     from alignlab.patch_view import patch_app
-    patch_app(a.run_dir, image=a.image, record=a.record, defer=False)  # bad input: one line before serving; the run is cached
-    print(f"patch view of {a.image or 'record ' + a.record} of {a.run_dir}: http://{a.address}:{a.port}/", flush=True)
-    pn.serve(lambda: patch_app(a.run_dir, image=a.image, record=a.record), address=a.address, port=a.port, show=False,
-             title="alignlab patches", websocket_origin=[f"{a.address}:{a.port}"])
+    _serve_view(lambda **kw: patch_app(a.run_dir, image=a.image, record=a.record, **kw),
+                f"patch view of {a.image or 'record ' + a.record} of {a.run_dir}", "alignlab patches", a)
 
 def _patches_command(sub):
     v = sub.add_parser("patches", help="serve the patch-projection view (Panel) of a train_multimodal run: an image through its encoder and projector")

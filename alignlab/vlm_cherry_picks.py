@@ -6,9 +6,6 @@
 __all__ = ['prompt_images', 'MultimodalCherryPickCallback', 'vlm_train_settings']
 
 # %% ../nbs/18i_vlm_cherry_picks.ipynb #b7e10004
-from .cherry_picks import _cherry_prompts, _review_records
-from .cherry_pick_metrics import compute_metrics
-from .review_store import append_records
 from .generate import generate
 from .trainers import CherryPickCallback
 
@@ -23,37 +20,13 @@ def prompt_images(ds, # a multimodal prompt dataset (`build_dataset(..., inferen
     return out
 
 # %% ../nbs/18i_vlm_cherry_picks.ipynb #b7e10009
-def _multimodal_cherry_logs(cp, # the callback
-                            model, # the `VisionLanguageModel`
-                            step:int, # the training step
-                            now:str, # the evaluation's UTC time
-                           ) -> dict:
-    "Generate on each held-out image set, score the answers, store them with their image paths; the averages to log."
-    st, tok, logs = cp.settings, cp.tokenizer, {}
-    for name, ds in cp.datasets.items():
-        prompts, recs, chats, labels = _cherry_prompts(ds)
-        ans = generate(model, tok, prompts, st.generator_transformers_settings, st.custom_generation_settings,
-                       ids=[r["id"] for r in recs], model_inputs=prompt_images(ds))
-        vals, avgs, skipped = compute_metrics(st.metric_settings, prompts, ans, labels, tok, model=model, chats=chats,
-                                              ref_models=cp.ref_models, reward=cp.reward, batch_size=st.custom_generation_settings.batch)
-        paths = [list(ds.image_paths[int(i)]) for i in ds.rows]
-        out = _review_records(step, name, recs, chats, labels, ans, vals, now)
-        per_answer = [p for p, a in zip(paths, ans) for _ in a]  # `_review_records` writes one record per answer, prompt by prompt
-        append_records(cp.store_path, [{**o, "image_paths": p} for o, p in zip(out, per_answer)])
-        logs.update({f"cherry_pick/{name}/{k}": v for k, v in avgs.items()})
-        for k, n in skipped.items(): cp.skipped[f"{name}/{k}"] += n
-    return logs
-
 class MultimodalCherryPickCallback(CherryPickCallback):
     "Cherry-picks for `train_multimodal`: generate on held-out images through the VLM; review records carry `image_paths`."
-    def _generate(self, model, # the `VisionLanguageModel`
-                  step:int, # the training step
-                  now:str, # the evaluation's UTC time
-                 ) -> dict:
-        "Generate on each held-out image set, score, store with the image paths; the averages to log."
-        return _multimodal_cherry_logs(self, model, step, now)
+    def _model_inputs(self, ds): return prompt_images(ds)  # per prompt, its images, as the dataset's reader gives them
+    def _record_fields(self, ds): return [{"image_paths": list(ds.image_paths[int(i)])} for i in ds.rows]  # resolved paths
 
 # the recipes table names this class in the multimodal row (`cherry_pick_callback`): `run.train` builds it for a multimodal run
+
 
 # %% ../nbs/18i_vlm_cherry_picks.ipynb #b7e1000c
 def vlm_train_settings(run_dir, # the run directory (log_path)
