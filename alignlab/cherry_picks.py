@@ -193,12 +193,14 @@ def _generate_logs(cp, # the `CherryPicks`
     "`CherryPicks._generate`: generate on each dataset, score the answers, store them; the averages to log."
     st, tok, logs = cp.settings, cp.tokenizer, {}
     for name, ds in cp.datasets.items():
+        ds, gen, extra = cp._prompt_set(name, ds, model)
         prompts, recs, chats, labels = _cherry_prompts(ds)
-        ans = generate(model, tok, prompts, st.generator_transformers_settings, st.custom_generation_settings,
+        ans = generate(gen, tok, prompts, st.generator_transformers_settings, st.custom_generation_settings,
                        ids=[r["id"] for r in recs], model_inputs=cp._model_inputs(ds))
-        vals, avgs, skipped = compute_metrics(st.metric_settings, prompts, ans, labels, tok, model=model, chats=chats,
+        vals, avgs, skipped = compute_metrics(st.metric_settings, prompts, ans, labels, tok, model=gen, chats=chats,
                                               ref_models=cp.ref_models, reward=cp.reward,
                                               batch_size=st.custom_generation_settings.batch)
+        avgs.update(extra)
         out, fields = _review_records(step, name, recs, chats, labels, ans, vals, now), cp._record_fields(ds)
         if fields is not None:  # `_review_records` writes one record per answer, prompt by prompt
             out = [{**o, **f} for o, f in zip(out, [f for f, a in zip(fields, ans) for _ in a])]
@@ -265,9 +267,9 @@ class CherryPicks:
                  ) -> dict:
         "Generate on each dataset, score the answers, store them; the averages to log."
         return _generate_logs(self, model, step, now)
+    def _prompt_set(self, name, ds, model): return ds, model, {}  # (prompt dataset, generating model, more averages): RAG's adds documents
     def _model_inputs(self, ds): return None  # per prompt, more inputs for `generate` (a subclass's: a VLM's images)
     def _record_fields(self, ds): return None  # per prompt, more fields for its review records (a subclass's: image_paths)
-
     def _score(self, model, # the seq_cls model
                step:int, # the training step
                now:str, # the evaluation's UTC time

@@ -206,39 +206,26 @@ def save_rag_model(model:RAGSequenceModel, # the trained RAG model
 # %% ../nbs/17c_rag_training.ipynb #c8abb5df
 from .trainers import CherryPickCallback
 
-def _rag_cherry_logs(cp, model, step:int, now:str) -> dict:
-    "Generate with retrieval on each cherry-pick dataset, score, store with doc ids and scores; the averages to log."
-    from alignlab.cherry_picks import _cherry_prompts, _review_records, compute_metrics, append_records
+def _with_retrieval(cp, name:str, ds, model) -> tuple:
+    "`CherryPicks._prompt_set` for RAG: the dataset's records with their retrieved documents (ids and scores in `meta`), the generator, recall."
     from alignlab.datasets import build_dataset
-    from alignlab.generate import generate
     from alignlab.rag_inference import records_with_documents
-    st, tok, logs = cp.settings, cp.tokenizer, {}
-    for name, ds in cp.datasets.items():
-        recs = [ds.records[int(i)] for i in ds.rows]
-        aug, hits, _ = records_with_documents(recs, model.retriever, tok)
-        sst = st.dataset_settings.model_copy(update={"sources": [s for s in st.dataset_settings.sources if s.name == name]})
-        ads = build_dataset(sst, tok, inference=True, name=name, records=Records(aug, [f"{name}[{i}]" for i in range(len(aug))], [], sst, name, True))
-        prompts, arecs, chats, labels = _cherry_prompts(ads)
-        ans = generate(model.generator, tok, prompts, st.generator_transformers_settings, st.custom_generation_settings, ids=[r["id"] for r in arecs])
-        vals, avgs, _ = compute_metrics(st.metric_settings, prompts, ans, labels, tok, model=model.generator, chats=chats,
-                                        ref_models=cp.ref_models, reward=cp.reward, batch_size=st.custom_generation_settings.batch)
-        docs = {r["id"]: h for r, h in zip(aug, hits)}
-        out = _review_records(step, name, arecs, chats, labels, ans, vals, now)
-        for o in out: o.update(doc_ids=[d["id"] for d in docs[o["record_id"]]], doc_scores=[round(d["score"], 6) for d in docs[o["record_id"]]])
-        append_records(cp.store_path, out)
-        gold = [(r.get("meta") or {}).get("passage_id") for r in aug]
-        if any(gold): avgs["retrieval_recall"] = sum(g in [d["id"] for d in h] for g, h in zip(gold, hits) if g) / sum(map(bool, gold))
-        logs.update({f"cherry_pick/{name}/{k}": v for k, v in avgs.items()})
-    return logs
+    recs = [ds.records[int(i)] for i in ds.rows]
+    aug, hits, _ = records_with_documents(recs, model.retriever, cp.tokenizer)
+    aug = [{**r, "meta": {**(r.get("meta") or {}), "doc_ids": [d["id"] for d in h], "doc_scores": [round(d["score"], 6) for d in h]}}
+           for r, h in zip(aug, hits)]
+    dst = cp.settings.dataset_settings
+    sst = dst.model_copy(update={"sources": [s for s in dst.sources if s.name == name]})
+    ads = build_dataset(sst, cp.tokenizer, inference=True, name=name,
+                        records=Records(aug, [f"{name}[{i}]" for i in range(len(aug))], [], sst, name, True))
+    gold = [(r["meta"].get("passage_id"), r["meta"]["doc_ids"]) for r in aug]
+    extra = {"retrieval_recall": sum(g in ids for g, ids in gold if g) / sum(bool(g) for g, _ in gold)} if any(g for g, _ in gold) else {}
+    return ads, model.generator, extra
 
 class RAGCherryPickCallback(CherryPickCallback):
     "Chat cherry-picks for `train_rag`: generate with retrieval (the encoder as it is now); review records carry `doc_ids` and `doc_scores`."
-    def _generate(self, model, # the RAGSequenceModel
-                  step:int, # the training step
-                  now:str, # the evaluation's UTC time
-                 ) -> dict:
-        "Generate with retrieval on each dataset, score, store with the retrieved documents; the averages to log."
-        return _rag_cherry_logs(self, model, step, now)
+    def _prompt_set(self, name, ds, model): return _with_retrieval(self, name, ds, model)
+    def _record_fields(self, ds): return [{k: ds.records[int(i)]["meta"][k] for k in ("doc_ids", "doc_scores")} for i in ds.rows]
 
 # the recipes table names this class in the rag row (`cherry_pick_callback`): `run.train` builds it for a RAG run
 

@@ -131,22 +131,39 @@ def build_multimodal(out:Path, # the (empty) folder to write into; `get` passes 
                 format="multimodal", images=n_images, image_size=64)
 
 # %% ../nbs/00b_sample_data.ipynb #65eaf386
+def _person(p:str, # the invented name
+            rng:random.Random, # draws the facts
+           ) -> tuple:
+    "`(passage, [(question, answer)] * 3)` about `p`: where they live, their pet and their job."
+    place, pet, job = rng.choice(CATEGORIES["a place"]), rng.choice(CATEGORIES["an animal"]), rng.choice(CATEGORIES["a person"])
+    return (f"{p} lives by the {place}. {p} works as a {job} and keeps a {pet}.",
+            [(f"Where does {p} live?", f"By the {place}."), (f"What pet does {p} keep?", f"A {pet}."), (f"What does {p} work as?", f"A {job}.")])
+
+def _chat(id:str, q:str, a:str, meta:dict) -> dict:
+    return dict(id=id, messages=[{"role": "user", "content": q}, {"role": "bot", "content": a}], meta=meta)
+
 def build_rag(out:Path, # the (empty) folder to write into; `get` passes a temporary one
-              n_people:int=80, # invented people: one passage and two questions each
+              n_people:int=80, # invented people in the passages: one passage and three questions each
+              n_reading:int=8000, # reading records: one question about another invented person each, the passage in `meta.passage`
               seed:int=0, # the builder's seed (`get` passes `zoo_seed()`)
               log=print, # unused: every builder takes it (`get` passes its logger)
              ):
-    "`rag`: a passage collection about invented people, and chat questions answered by one passage each."
+    "`rag`: a passage collection about invented people, chat questions answered by one passage each, and reading records about others."
     rng = random.Random(seed + 4)
-    people, places = invented_names(rng, n_people), invented_names(random.Random(seed + 5), 40)
+    people = invented_names(rng, n_people)
     passages, recs = [], []
     for i, p in enumerate(people):
-        place, pet, job = rng.choice(places), rng.choice(CATEGORIES["an animal"]), rng.choice(CATEGORIES["a person"])
-        passages.append(dict(id=f"doc-{i}", text=f"{p} lives in {place}. {p} works as a {job} and keeps a {pet}."))
-        for q, a in ((f"Where does {p} live?", f"{p} lives in {place}."), (f"What pet does {p} keep?", f"{p} keeps a {pet}.")):
-            recs.append(dict(id=f"rag-{len(recs)}", messages=[{"role": "user", "content": q}, {"role": "bot", "content": a}],
-                             meta={"passage_id": f"doc-{i}"}))
+        text, qas = _person(p, rng)
+        passages.append(dict(id=f"doc-{i}", text=text))
+        recs += [_chat(f"rag-{len(recs) + j}", q, a, {"passage_id": f"doc-{i}"}) for j, (q, a) in enumerate(qas)]
     rng.shuffle(recs)
     k = len(recs) * 4 // 5
+    r2 = random.Random(seed + 6)  # others: no indexed person is among them
+    others = [p for p in invented_names(r2, n_reading + n_people) if p not in set(people)][:n_reading]
+    reading = []
+    for i, p in enumerate(others):
+        text, qas = _person(p, r2)
+        reading.append(_chat(f"read-{i}", *r2.choice(qas), {"passage": text}))
     return dict(records=dict(passages=_write_jsonl(out/"passages.jsonl", passages), train=_write_jsonl(out/"train.jsonl", recs[:k]),
-                             val=_write_jsonl(out/"val.jsonl", recs[k:])), format="chat + passages")
+                             val=_write_jsonl(out/"val.jsonl", recs[k:]), reading=_write_jsonl(out/"reading.jsonl", reading)),
+                format="chat + passages")

@@ -16,7 +16,7 @@ from .corpus import ADJS, CATEGORIES, corpus
 from .sample_data import build_chat, build_classification, build_multimodal, build_preferences, build_rag
 
 # %% ../nbs/01_zoo.ipynb #d1641a13
-ZOO_VERSION = "2"  # bump when a builder changes: each version gets a fresh folder
+ZOO_VERSION = "3"  # bump when a builder changes: each version gets a fresh folder
 
 def home() -> Path:
     "The alignlab cache directory: `$ALIGNLAB_HOME`, else `$XDG_CACHE_HOME/alignlab`, else `~/.cache/alignlab`."
@@ -336,7 +336,7 @@ ITEMS = {
     "preferences": ("dataset", build_preferences, "pair_preferences records: right vs wrong category answers"),
     "classification": ("dataset", build_classification, "classification records: does the sentence mention an animal?"),
     "multimodal": ("dataset", build_multimodal, "multimodal records with generated shape images"),
-    "rag": ("dataset", build_rag, "passages and chat questions answerable from one passage each"),
+    "rag": ("dataset", build_rag, "passages and chat questions answerable from one passage each, plus reading records about other people"),
 }
 
 @contextlib.contextmanager

@@ -106,6 +106,13 @@ def test_datasets_have_the_guide_record_formats():
     docs = {d["id"]: d["text"] for d in _jsonl(rag / "passages.jsonl")}
     r = _jsonl(rag / "train.jsonl")[0]
     assert r["meta"]["passage_id"] in docs
+    # answers are words only the passage gives; the reading records are about other people than the indexed ones
+    for r in _jsonl(rag / "val.jsonl"):
+        word = r["messages"][-1]["content"].rstrip(".").split()[-1]
+        assert f" {word}" in docs[r["meta"]["passage_id"]]
+    reading = _jsonl(rag / "reading.jsonl")
+    assert len(reading) == zoo.card("rag")["records"]["reading"] > 1000
+    assert not {r["meta"]["passage"].split()[0] for r in reading} & {t.split()[0] for t in docs.values()}
 
 
 def test_every_item_has_a_card():
