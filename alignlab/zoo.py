@@ -122,6 +122,12 @@ def pretrain(model, # the causal LM to train in place
                 fact_accuracy=round(acc, 3))
 
 # %% ../nbs/01_zoo.ipynb #413209b6
+def _save_model(model, out:Path):
+    "`model.save_pretrained(out)` from whichever process builds: under torch.distributed, transformers 5 writes only on rank 0."
+    model.should_save_on_this_rank = lambda is_main_process: True  # the zoo lock makes this process the only writer
+    model.save_pretrained(out)
+    del model.should_save_on_this_rank
+
 def tiny_llama_config(tok, # the zoo tokenizer (vocabulary size and special token ids)
                       **kw,
                      ):
@@ -154,7 +160,7 @@ def build_tiny_llama(out:Path, # the (empty) folder to write into; `get` passes 
     r = pretrain(model, tok, lines, max_steps=max_steps, seed=seed, log=log)
     model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                                pad_token_id=cfg.pad_token_id, max_new_tokens=64, do_sample=False)
-    model.save_pretrained(out); tok.save_pretrained(out)
+    _save_model(model, out); tok.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     return dict(parameters=n, vocab_size=len(tok), corpus_lines=len(lines), steps=r["steps"], facts_acquired_at=r["facts_acquired_at"],
                 fact_accuracy=r["fact_accuracy"], fact_accuracy_history=r["probes"], first_loss=round(r["losses"][0], 3),
@@ -175,7 +181,7 @@ def build_tiny_llama_cls(out:Path, # the (empty) folder to write into; `get` pas
     model = LlamaForSequenceClassification.from_pretrained(src, num_labels=num_labels)
     torch.nn.init.normal_(model.score.weight, std=0.02)
     model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out); tok.save_pretrained(out)
+    _save_model(model, out); tok.save_pretrained(out)
     return dict(parameters=sum(p.numel() for p in model.parameters()), num_labels=num_labels, backbone="tiny-llama")
 
 # %% ../nbs/01_zoo.ipynb #ea7f1af9
@@ -193,7 +199,7 @@ def build_tiny_clip(out:Path, # the (empty) folder to write into; `get` passes a
                                         image_size=32, patch_size=8), projection_dim=32)
     model = CLIPModel(cfg)
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    model.save_pretrained(out); proc.save_pretrained(out)
+    _save_model(model, out); proc.save_pretrained(out)
     return dict(parameters=sum(p.numel() for p in model.parameters()), image_size=32, patch_size=8, n_patches=16,
                 vision_hidden=64)
 
@@ -289,7 +295,7 @@ def build_tiny_llama_sp(out:Path, # the (empty) folder to write into; `get` pass
     finally: torch.set_num_threads(threads)
     model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                                pad_token_id=cfg.pad_token_id, max_new_tokens=64, do_sample=False)
-    model.save_pretrained(out); tok.save_pretrained(out)
+    _save_model(model, out); tok.save_pretrained(out)
     return dict(parameters=sum(p.numel() for p in model.parameters()), vocab_size=len(tok), corpus_lines=len(lines),
                 tokenizer="BPE, byte fallback, Metaspace(prepend_scheme='first'), post-processor '<s> $A'", chat_template="BRACKETS",
                 steps=r["steps"], first_loss=round(r["losses"][0], 3), last_loss=round(sum(r["losses"][-20:]) / 20, 3),
@@ -321,7 +327,7 @@ def build_tiny_encoder(out:Path, # the (empty) folder to write into; `get` passe
     cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      max_position_embeddings=128, pad_token_id=tok.pad_token_id)
     model = BertModel(cfg)  # the pooler is unused (mean pooling) but kept: AutoModel loads it without a warning
-    model.save_pretrained(out); tok.save_pretrained(out)
+    _save_model(model, out); tok.save_pretrained(out)
     return dict(parameters=sum(p.numel() for p in model.parameters()), hidden_size=64, max_position_embeddings=128, tokenizer="tiny-wordpiece")
 
 # %% ../nbs/01_zoo.ipynb #5da15d9d
@@ -366,6 +372,8 @@ def get(name:str, # a key of `ITEMS`, e.g. 'tiny-llama' or 'chat'
         log(f"building {name} (once) into {out}")
         t = time.time()
         facts = builder(tmp, seed=zoo_seed(), log=log)
+        if kind == "model" and not (tmp/"config.json").exists():  # never a card over a model that was not written
+            raise RuntimeError(f"zoo: building {name} wrote no config.json into {tmp}")
         card = dict(name=name, kind=kind, description=what, zoo_version=ZOO_VERSION, seed=zoo_seed(),
                     build_seconds=round(time.time() - t, 1), **facts)
         (tmp/"card.json").write_text(json.dumps(card, indent=1))

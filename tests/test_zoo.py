@@ -159,3 +159,19 @@ def test_the_new_tokenizer_families_train_deterministically():
     for train in (zoo.train_sp_tokenizer, zoo.train_wordpiece_tokenizer):
         a, b = train(lines, 700), train(lines, 700)
         assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and len(a) == 700, train.__name__
+
+
+def test_a_build_on_a_distributed_rank_other_than_0_writes_the_model(tmp_path, monkeypatch):
+    """Under `accelerate launch` whichever rank takes the zoo lock builds; transformers 5 writes weights only on rank 0."""
+    import transformers.distributed.mixin as mx  # where transformers 5 asks "am I rank 0?" before writing
+    monkeypatch.setattr(mx, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mx, "_get_torch_distributed_rank", lambda: 1)
+    from transformers import CLIPConfig, CLIPModel
+    bare = CLIPModel(CLIPConfig(text_config=dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2),
+                                vision_config=dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                   image_size=16, patch_size=8), projection_dim=8))
+    bare.save_pretrained(tmp_path / "bare")
+    assert not (tmp_path / "bare" / "config.json").exists()  # the negative control: this is what rank 1 would write
+    monkeypatch.setenv("ALIGNLAB_HOME", str(tmp_path / "home"))
+    p = zoo.get("tiny-clip", log=lambda m: None)
+    assert (p / "config.json").exists() and (p / "model.safetensors").exists()
