@@ -26,6 +26,10 @@ def _write_jsonl(path:Path, records:list):
         for r in records: f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return len(records)
 
+def _chat(id:str, q:str, a:str, meta:dict=None) -> dict:
+    "A one-turn chat record (question, answer), with `meta` where given."
+    return dict(id=id, messages=[{"role": "user", "content": q}, {"role": "bot", "content": a}], **({"meta": meta} if meta else {}))
+
 def build_chat(out:Path, # the (empty) folder to write into; `get` passes a temporary one
                n_train:int=2000, # train records
                n_val:int=100, # val records
@@ -39,7 +43,7 @@ def build_chat(out:Path, # the (empty) folder to write into; `get` passes a temp
     while len(test) < n_test:
         k, q, a = chat_turn(rng)
         if k in held: continue
-        held.add(k); test.append(dict(id=f"test-{len(test)}", messages=[{"role": "user", "content": q}, {"role": "bot", "content": a}]))
+        held.add(k); test.append(_chat(f"test-{len(test)}", q, a))
     def record(i, split):
         msgs = []
         if rng.random() < 0.3: msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -138,9 +142,6 @@ def _person(p:str, # the invented name
     place, pet, job = rng.choice(CATEGORIES["a place"]), rng.choice(CATEGORIES["an animal"]), rng.choice(CATEGORIES["a person"])
     return (f"{p} lives by the {place}. {p} works as a {job} and keeps a {pet}.",
             [(f"Where does {p} live?", f"By the {place}."), (f"What pet does {p} keep?", f"A {pet}."), (f"What does {p} work as?", f"A {job}.")])
-
-def _chat(id:str, q:str, a:str, meta:dict) -> dict:
-    return dict(id=id, messages=[{"role": "user", "content": q}, {"role": "bot", "content": a}], meta=meta)
 
 def build_rag(out:Path, # the (empty) folder to write into; `get` passes a temporary one
               n_people:int=80, # invented people in the passages: one passage and three questions each

@@ -41,14 +41,14 @@ def run_cell(seed:int, kernel:str, e2e:bool, threads:int=1) -> dict:
 
 
 def table(rows:list) -> str:
-    out = ["| kernels | seed | EM with retrieval | EM without | recall@1 before → after | recall@n before → after | time (s) |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| kernels | threads | seed | EM with retrieval | EM without | recall@1 before → after | recall@n before → after | time (s) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "error" in r: out.append(f"| {r['kernel']} | {r['seed']} | error: {r['error']} | | | | |"); continue
+        if "error" in r: out.append(f"| {r['kernel']} | | {r['seed']} | error: {r['error']} | | | | |"); continue
         b, a = r.get("recall_before") or {}, r.get("recall_after") or {}
         k = sorted(b, key=lambda x: int(x.split("@")[1]))
         rec = [f"{b[x]} → {a[x]}" for x in k] if k else ["—", "—"]
-        out.append(f"| {r['kernel']} | {r['seed']} | {r['em_with']} | {r['em_without']} | {rec[0]} | {rec[-1]} | "
+        out.append(f"| {r['kernel']} | {r.get('threads', 1)} | {r['seed']} | {r['em_with']} | {r['em_without']} | {rec[0]} | {rec[-1]} | "
                    f"{r['finetune_s']} + {r.get('e2e_s', 0)} |")
     return "\n".join(out)
 
